@@ -1,0 +1,206 @@
+"""Shared machinery of the manifold optimizers: param groups, batching by shape, state, AdamW group.
+
+Subclasses implement ``_update(group, x, g_u, g_k, states, shards) -> Point``: the algorithm on one
+batch of same-shaped adapters, written with ``riemann_zero.geometry`` only.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import defaultdict
+
+import torch
+from torch import Tensor, nn
+
+from . import geometry as geo
+from .distributed import resolve_shards
+from .layout import Adapter, find_adapters
+
+__all__ = ["ManifoldOptimizer"]
+
+
+def _pad_rows(t: Tensor, rows: int) -> Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
+    """Base class. Group 0 holds the manifold adapters; other trainable parameters go to AdamW.
+
+    Args:
+        model: a PEFT model in the manifold layout, or a list of :class:`Adapter` (then
+            ``params`` lists the other trainable parameters, if any).
+        defaults: hyper-parameters of the manifold group.
+        adamw: lr, betas, eps, weight_decay of the AdamW group.
+        params: extra trainable parameters when ``model`` is a list of adapters.
+    """
+
+    def __init__(self, model: nn.Module | list[Adapter], defaults: dict, adamw: dict,
+                 params: list[nn.Parameter] | None = None) -> None:
+        if isinstance(model, nn.Module):
+            adapters = find_adapters(model)
+            owned = {id(p) for ad in adapters for p in (ad.lora_A, ad.lora_B)}
+            extras = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
+        else:
+            adapters, extras = list(model), list(params or [])
+        if not adapters:
+            raise ValueError("no manifold adapters given")
+        groups = [{
+            "params": [p for ad in adapters for p in (ad.lora_B, ad.lora_A)],
+            "kind": "manifold",
+            "adapters": [ad.name for ad in adapters],
+            **defaults,
+        }]
+        if extras:
+            groups.append({"params": extras, "kind": "adamw", **adamw})
+        super().__init__(groups, defaults)
+        self.adapters: dict[str, Adapter] = {ad.name: ad for ad in adapters}
+        self.adapter_state: dict[str, dict] = defaultdict(dict)
+        self.shards = None  # resolved at the first step, once an engine has laid out the params
+
+    # ----------------------------------------------------------------------------------- step
+    def _shards(self):
+        if self.shards is None:
+            self.shards = resolve_shards(list(self.adapters.values()), self.param_groups)
+        return self.shards
+
+    def _buckets(self, names: list[str]) -> list[list[Adapter]]:
+        by_shape: dict[tuple, list[Adapter]] = defaultdict(list)
+        for name in names:
+            ad = self.adapters[name]
+            by_shape[(ad.m, ad.n, ad.r)].append(ad)
+        return list(by_shape.values())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One manifold step for every adapter (and one AdamW step for the other parameters)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group.get("kind") == "manifold":
+                shards = self._shards()
+                for bucket in self._buckets(group["adapters"]):
+                    self._step_bucket(group, bucket, shards)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _step_bucket(self, group: dict, bucket: list[Adapter], shards) -> None:
+        r = bucket[0].r
+        states = [self.adapter_state[ad.name] for ad in bucket]
+        reads = [shards.read(ad, st) for ad, st in zip(bucket, states)]
+        rows_m = [rd[0].shape[0] for rd in reads]
+        rows_n = [rd[2].shape[0] for rd in reads]
+        dtype = torch.float64 if reads[0][0].dtype == torch.float64 else torch.float32
+
+        def stack(i: int, rows: list[int]) -> Tensor:
+            return torch.stack([_pad_rows(rd[i].to(dtype), max(rows)) for rd in reads])
+
+        b, gb, at, gat = stack(0, rows_m), stack(1, rows_m), stack(2, rows_n), stack(3, rows_n)
+        x = geo.Point(b[..., r:], at[..., :r], at[..., r:])
+        new = self._update(group, bucket, x, gb[..., :r], gat[..., r:], states, shards)
+        b_new = torch.cat([torch.zeros_like(new.U), new.U], dim=-1)
+        at_new = torch.cat([new.V, new.K], dim=-1)
+        for i, (ad, st) in enumerate(zip(bucket, states)):
+            shards.write(ad, st, b_new[i, : rows_m[i]], at_new[i, : rows_n[i]])
+
+    @abc.abstractmethod
+    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor, states: list[dict],
+                shards) -> geo.Point:
+        """The algorithm on one batch of same-shaped adapters; returns the new point."""
+
+    # ------------------------------------------------------------------- per-adapter state
+    @staticmethod
+    def _get(states: list[dict], key: str) -> Tensor | None:
+        if key not in states[0]:
+            return None
+        return torch.stack([st[key] for st in states])
+
+    @staticmethod
+    def _put(states: list[dict], key: str, value: Tensor) -> None:
+        for i, st in enumerate(states):
+            st[key] = value[i].clone()
+
+    def _get_tangent(self, states: list[dict], key: str) -> geo.Tangent | None:
+        du = self._get(states, key + "_U")
+        return None if du is None else geo.Tangent(du, self._get(states, key + "_K"))
+
+    def _put_tangent(self, states: list[dict], key: str, xi: geo.Tangent) -> None:
+        self._put(states, key + "_U", xi.dU)
+        self._put(states, key + "_K", xi.dK)
+
+    # ------------------------------------------------------------------------------ AdamW
+    def _adamw_step(self, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            st = self.state[p]
+            if not st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            st["step"] += 1
+            g = p.grad.float()
+            st["exp_avg"].lerp_(g, 1 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bias1 = 1 - beta1 ** st["step"]
+            bias2 = 1 - beta2 ** st["step"]
+            denom = (st["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
+            update = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+            update.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / bias1)
+            p.copy_(update)
+
+    # ------------------------------------------------------------------------ state_dict
+    def state_dict(self) -> dict:
+        """torch.optim state plus the per-adapter state, keyed by module name (survives ZeRO's
+        substitution of param groups by flat partitions)."""
+        sd = super().state_dict()
+        sd["adapter_state"] = {
+            name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+            for name, st in self.adapter_state.items()
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        adapter_state = state_dict.pop("adapter_state", {})
+        unknown = set(adapter_state) - set(self.adapters)
+        if unknown:
+            raise ValueError(f"optimizer state names adapters this model lacks: {sorted(unknown)[:5]}")
+        super().load_state_dict(state_dict)
+        self.adapter_state = defaultdict(dict)
+        for name, st in adapter_state.items():  # keep dtypes: fp32 masters of bf16 params stay fp32
+            device = self.adapters[name].lora_B.device
+            self.adapter_state[name] = {
+                k: (v.to(device=device, copy=True) if isinstance(v, Tensor) else v)
+                for k, v in st.items()
+            }
+
+    # --------------------------------------------------------------------------- health
+    @torch.no_grad()
+    def manifold_health(self) -> dict[str, float]:
+        """max ‖UᵀU − I‖_F, max ‖VᵀV − I‖_F, max ‖Z‖_F and mean ‖X‖_F (= ‖K‖_F) over adapters."""
+        shards = self._shards()
+        orth_u = orth_v = z_norm = 0.0
+        x_norms = []
+        for bucket in self._buckets(list(self.adapters)):
+            r = bucket[0].r
+            for ad in bucket:
+                b, _, at, _ = shards.read(ad, self.adapter_state[ad.name])
+                eye = torch.eye(r, dtype=torch.float64)
+                gu = geo._gram(b[:, r:], b[:, r:], shards.reduce_m)
+                gv = geo._gram(at[:, :r], at[:, :r], shards.reduce_n)
+                kk = geo._gram(at[:, r:], at[:, r:], shards.reduce_n)
+                zz = geo._gram(b[:, :r], b[:, :r], shards.reduce_m)
+                orth_u = max(orth_u, float((gu - eye).norm()))
+                orth_v = max(orth_v, float((gv - eye).norm()))
+                z_norm = max(z_norm, float(zz.trace().clamp_min(0).sqrt()))
+                x_norms.append(float(kk.trace().clamp_min(0).sqrt()))
+        return {
+            "orth_err_U": orth_u,
+            "orth_err_V": orth_v,
+            "max_norm_Z": z_norm,
+            "mean_norm_X": sum(x_norms) / len(x_norms),
+        }

@@ -1,0 +1,70 @@
+"""Dense float64 reference of the fixed-rank geometry and of one Riemannion step.
+
+Obviously correct and slow: it materialises X, G and every tangent vector as m×n matrices. It is
+the oracle of the tests and the readable specification of ``geometry`` and ``riemannion``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "row_col_bases",
+    "project",
+    "polar",
+    "truncate",
+    "riemannion_step",
+    "best_rank",
+]
+
+
+def row_col_bases(x: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Orthonormal bases (m×r, n×r) of the column and row spaces of a rank-r matrix."""
+    u, _, vt = torch.linalg.svd(x.double(), full_matrices=False)
+    return u[:, :r], vt[:r].mT
+
+
+def project(u: Tensor, v: Tensor, z: Tensor) -> Tensor:
+    """P_T(Z) = UUᵀZ + ZVVᵀ − UUᵀZVVᵀ at the point with column basis U and row basis V."""
+    pu, pv = u @ u.mT, v @ v.mT
+    return pu @ z + z @ pv - pu @ z @ pv
+
+
+def polar(z: Tensor, eps: float = 1e-6) -> Tensor:
+    """Polar factor Σ_{σᵢ > eps·σ_max} uᵢ vᵢᵀ (zero for Z = 0)."""
+    u, s, vt = torch.linalg.svd(z, full_matrices=False)
+    keep = (s > eps * s[0]) if s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    return u[:, keep] @ vt[keep]
+
+
+def truncate(z: Tensor, r: int) -> Tensor:
+    """Best rank-r approximation (truncated SVD)."""
+    u, s, vt = torch.linalg.svd(z, full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vt[:r]
+
+
+def best_rank(z: Tensor, k: int) -> Tensor:
+    """Alias of :func:`truncate` used where the intent is 'best rank-k approximation of G'."""
+    return truncate(z, k)
+
+
+def riemannion_step(u: Tensor, v: Tensor, x: Tensor, g: Tensor, momentum: Tensor | None, *,
+                    lr: float, beta: float, weight_decay: float, eps: float = 1e-6,
+                    buffer: str = "raw") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One dense Riemannion step.
+
+    Args:
+        u, v: column and row bases of the current point x (m×r, n×r).
+        x: current point (m×n, rank r); g: Euclidean gradient at x (m×n).
+        momentum: previous momentum, a tangent matrix at the PREVIOUS point (or None).
+    Returns:
+        (x_new, u_new, v_new, momentum_new) with momentum_new stored at x (transported next step).
+    """
+    r = u.shape[1]
+    grad = project(u, v, g)
+    m = grad if momentum is None else beta * project(u, v, momentum) + grad
+    d = project(u, v, polar(m, eps))
+    x_new = truncate((1 - lr * weight_decay) * x - lr * d, r)
+    u_new, v_new = row_col_bases(x_new, r)
+    return x_new, u_new, v_new, (m if buffer == "raw" else d)

@@ -1,0 +1,108 @@
+"""RiemannLoRA optimizers (arXiv 2507.12142 v1 / v2 appendix C): Riemannian heavy-ball SGD and an
+Adam-like variant, on the same fixed-rank geometry as Riemannion but without orthogonalisation."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from . import geometry as geo
+from .layout import Adapter
+from .manifold_optimizer import ManifoldOptimizer
+
+__all__ = ["RiemannSGD", "RiemannAdam"]
+
+
+def _check(lr: float, weight_decay: float) -> None:
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, but got {lr}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
+
+
+def _adamw_defaults(lr, adamw_lr, betas, eps, weight_decay) -> dict:
+    return dict(lr=lr if adamw_lr is None else adamw_lr, betas=tuple(betas), eps=eps,
+                weight_decay=weight_decay)
+
+
+class RiemannSGD(ManifoldOptimizer):
+    """Riemannian heavy-ball SGD (RiemannLoRA)::
+
+        ξ = P_T(G);   M = β · T(M_prev) + ξ;   X' = SVD_r((1 − ηλ) X − η M)
+    """
+
+    def __init__(self, model: nn.Module | list[Adapter], lr: float = 0.1, momentum: float = 0.9,
+                 weight_decay: float = 0.0, *, adamw_lr: float | None = None,
+                 adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
+                 adamw_weight_decay: float = 0.0, params: list[nn.Parameter] | None = None) -> None:
+        _check(lr, weight_decay)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), but got {momentum}")
+        super().__init__(model, dict(lr=lr, momentum=momentum, weight_decay=weight_decay),
+                         _adamw_defaults(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
+                         params)
+
+    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
+                states: list[dict], shards) -> geo.Point:
+        rm, rn = shards.reduce_m, shards.reduce_n
+        lr = group["lr"]
+        m = geo.rgrad(x, g_u, g_k, rm)
+        prev = self._get_tangent(states, "momentum")
+        if prev is not None:
+            m = geo.add(geo.scale(prev, group["momentum"]), m)
+        new = geo.retract(x, geo.scale(m, -lr), 1.0 - lr * group["weight_decay"], rm, rn)
+        self._put_tangent(states, "momentum", geo.transport(x, m, new, rm, rn))
+        return new
+
+
+class RiemannAdam(ManifoldOptimizer):
+    """Adam-like RiemannLoRA: transported first moment, one second-moment scalar per factor block.
+
+    The tangent vector splits into two orthogonal blocks, U̇ Vᵀ and U K̇ᵀ, whose norms ‖U̇‖, ‖K̇‖
+    depend on X only. Each block gets its own second moment, the mean square of its entries::
+
+        ξ = P_T(G);  M = β₁ T(M_prev) + (1 − β₁) ξ
+        v_U = β₂ v_U + (1 − β₂) ‖U̇‖²/(m r),   v_K likewise with n r
+        X' = SVD_r((1 − ηλ) X − η (M̂_U / (√v̂_U + ε), M̂_K / (√v̂_K + ε)))   (bias-corrected)
+    """
+
+    def __init__(self, model: nn.Module | list[Adapter], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, adamw_lr: float | None = None,
+                 adamw_weight_decay: float = 0.0, params: list[nn.Parameter] | None = None) -> None:
+        _check(lr, weight_decay)
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be in [0, 1), but got {betas}")
+        if not eps > 0.0:
+            raise ValueError(f"eps must be > 0, but got {eps}")
+        super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
+                         _adamw_defaults(lr, adamw_lr, betas, eps, adamw_weight_decay), params)
+
+    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
+                states: list[dict], shards) -> geo.Point:
+        rm, rn = shards.reduce_m, shards.reduce_n
+        (beta1, beta2), lr, eps = group["betas"], group["lr"], group["eps"]
+        m_dim, n_dim, r = bucket[0].m, bucket[0].n, bucket[0].r
+        xi = geo.rgrad(x, g_u, g_k, rm)
+        prev = self._get_tangent(states, "exp_avg")
+        m = geo.scale(xi, 1 - beta1) if prev is None else geo.add(
+            geo.scale(prev, beta1), geo.scale(xi, 1 - beta1))
+        sq_u = geo._sum((xi.dU.double() ** 2).sum((-2, -1)), rm) / (m_dim * r)
+        sq_k = geo._sum((xi.dK.double() ** 2).sum((-2, -1)), rn) / (n_dim * r)
+        v_u, v_k = self._get(states, "exp_avg_sq_U"), self._get(states, "exp_avg_sq_K")
+        v_u = (1 - beta2) * sq_u if v_u is None else beta2 * v_u + (1 - beta2) * sq_u
+        v_k = (1 - beta2) * sq_k if v_k is None else beta2 * v_k + (1 - beta2) * sq_k
+        t = states[0].get("step", 0) + 1
+        c1, c2 = 1 - beta1**t, 1 - beta2**t
+        step = geo.Tangent(
+            m.dU * (1 / (c1 * ((v_u / c2).sqrt() + eps))).to(m.dU.dtype).view(-1, 1, 1),
+            m.dK * (1 / (c1 * ((v_k / c2).sqrt() + eps))).to(m.dK.dtype).view(-1, 1, 1),
+        )
+        new = geo.retract(x, geo.scale(step, -lr), 1.0 - lr * group["weight_decay"], rm, rn)
+        self._put_tangent(states, "exp_avg", geo.transport(x, m, new, rm, rn))
+        self._put(states, "exp_avg_sq_U", v_u)
+        self._put(states, "exp_avg_sq_K", v_k)
+        for st in states:
+            st["step"] = t
+        return new
+
+
