@@ -44,7 +44,7 @@ Reduce = Callable[[Tensor], Tensor] | None
 
 # Quintic Newton–Schulz coefficients from Muon (Keller Jordan, KellerJordan/Muon muon.py).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
-# Directions of a tall block whose Gram eigenvalue is below GRAM_RTOL·λ_max are treated as zero
+# Directions of a tall block whose Gram eigenvalue is below GRAM_RTOL·‖block‖_F² are treated as zero
 # (σ ratio ≈ 3e-7: below what an fp32 factor resolves; the fp64 Gram itself is exact to ~1e-16).
 GRAM_RTOL = 1e-13
 # Singular values below NULL_RTOL·σ_max of a retracted matrix are treated as exact zeros (rank < r).
@@ -71,8 +71,12 @@ def _sum(t: Tensor, reduce: Reduce) -> Tensor:
 
 
 def _gram(a: Tensor, b: Tensor, reduce: Reduce) -> Tensor:
-    """aᵀ b summed over row blocks, in fp64."""
-    return _sum(a.double().mT @ b.double(), reduce)
+    """aᵀ b summed over row blocks, returned in fp64.
+
+    The product runs in the inputs' dtype (upcasting a tall fp32 block costs more than the whole
+    step); in fp32 the two-pass orthonormalisation below still reaches ~1e-7 orthogonality.
+    """
+    return _sum((a.mT @ b).double(), reduce)
 
 
 def _mm(a: Tensor, small: Tensor) -> Tensor:
@@ -141,14 +145,19 @@ def _orthonormalize(a: Tensor, basis: Tensor | None, reduce: Reduce
         if basis is None:
             gram = _gram(q, q, reduce)
             coef = None
+            scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1, keepdim=True)
         else:
-            both = _gram(torch.cat([basis, q], dim=-1), q, reduce)  # [basisᵀ q ; qᵀ q], one reduce
+            both = _sum(torch.cat([basis.mT @ q, q.mT @ q], dim=-2).double(), reduce)  # one reduce
             coef, gram = both[:, : basis.shape[-1]], both[:, basis.shape[-1]:]
+            # Rank tests are relative to ‖q‖² BEFORE the basis part is removed: if q lies in
+            # span(basis) (always when basis is square, r = n), the residual is rounding noise
+            # and must be dropped, which a test relative to the residual's own λ_max never does.
+            scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1, keepdim=True)
             gram = gram - coef.mT @ coef  # (q − basis·coef)ᵀ(q − basis·coef), basis orthonormal
             q = q - _mm(basis, coef)
             c = c + coef @ r
         lam, vec = torch.linalg.eigh((gram + gram.mT) / 2)
-        keep = lam > GRAM_RTOL * lam.amax(-1, keepdim=True).clamp_min(1e-300)
+        keep = lam > GRAM_RTOL * scale.clamp_min(1e-300)
         root = lam.clamp_min(0).sqrt()
         inv = torch.where(keep, 1.0 / torch.where(keep, root, 1.0), 0.0)
         q = _mm(q, vec * inv.unsqueeze(-2))

@@ -7,6 +7,7 @@ import math
 from torch import Tensor, nn
 
 from . import geometry as geo
+from . import span
 from .layout import Adapter
 from .manifold_optimizer import ManifoldOptimizer
 
@@ -83,14 +84,17 @@ class Riemannion(ManifoldOptimizer):
             lr_step = lr * RMS_MATCH * math.sqrt(max(bucket[0].m, bucket[0].n))
         else:
             lr_step = lr
-        xi = geo.rgrad(x, g_u, g_k, rm)
         prev = self._get_tangent(states, "momentum")  # already transported to x last step
-        m = xi if prev is None else geo.add(geo.scale(prev, group["momentum"]), xi)
-        p, q = geo.ortho(x, m, group["ortho_eps"], group["ortho"], group["ns_steps"], rm, rn)
-        d = geo.project(x, p, q, rm, rn)
-        new = geo.retract(x, geo.scale(d, -lr_step), 1.0 - lr * group["weight_decay"], rm, rn)
-        keep = m if group["momentum_buffer"] == "raw" else d
-        self._put_tangent(states, "momentum", geo.transport(x, keep, new, rm, rn))
+        beta = group["momentum"]
+        m_u = g_u if prev is None else beta * prev.dU + g_u  # factor() projects out the U-part
+        m_k = g_k if prev is None else beta * prev.dK + g_k
+        sp, c_m, c_x = span.factor(x, m_u, m_k, rm, rn)
+        c_d = span.tangent_part(span.polar(c_m, group["ortho_eps"], group["ortho"],
+                                           group["ns_steps"]))
+        decay = 1.0 - lr * group["weight_decay"]
+        new, w1, z1 = span.truncate(sp, decay * c_x - lr_step * c_d, x.U.shape[-1])
+        keep = c_m if group["momentum_buffer"] == "raw" else c_d
+        self._put_tangent(states, "momentum", span.transport(sp, keep, w1, z1))
         for st in states:
             st["step"] = st.get("step", 0) + 1
         return new

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from . import geometry as geo
+from . import span
 from .layout import Adapter
 from .manifold_optimizer import ManifoldOptimizer
 
@@ -45,12 +46,14 @@ class RiemannSGD(ManifoldOptimizer):
                 states: list[dict], shards) -> geo.Point:
         rm, rn = shards.reduce_m, shards.reduce_n
         lr = group["lr"]
-        m = geo.rgrad(x, g_u, g_k, rm)
+        beta = group["momentum"]
         prev = self._get_tangent(states, "momentum")
-        if prev is not None:
-            m = geo.add(geo.scale(prev, group["momentum"]), m)
-        new = geo.retract(x, geo.scale(m, -lr), 1.0 - lr * group["weight_decay"], rm, rn)
-        self._put_tangent(states, "momentum", geo.transport(x, m, new, rm, rn))
+        m_u = g_u if prev is None else beta * prev.dU + g_u  # factor() projects out the U-part
+        m_k = g_k if prev is None else beta * prev.dK + g_k
+        sp, c_m, c_x = span.factor(x, m_u, m_k, rm, rn)
+        decay = 1.0 - lr * group["weight_decay"]
+        new, w1, z1 = span.truncate(sp, decay * c_x - lr * c_m, x.U.shape[-1])
+        self._put_tangent(states, "momentum", span.transport(sp, c_m, w1, z1))
         return new
 
 
@@ -93,12 +96,12 @@ class RiemannAdam(ManifoldOptimizer):
         v_k = (1 - beta2) * sq_k if v_k is None else beta2 * v_k + (1 - beta2) * sq_k
         t = states[0].get("step", 0) + 1
         c1, c2 = 1 - beta1**t, 1 - beta2**t
-        step = geo.Tangent(
-            m.dU * (1 / (c1 * ((v_u / c2).sqrt() + eps))).to(m.dU.dtype).view(-1, 1, 1),
-            m.dK * (1 / (c1 * ((v_k / c2).sqrt() + eps))).to(m.dK.dtype).view(-1, 1, 1),
-        )
-        new = geo.retract(x, geo.scale(step, -lr), 1.0 - lr * group["weight_decay"], rm, rn)
-        self._put_tangent(states, "exp_avg", geo.transport(x, m, new, rm, rn))
+        sp, c_m, c_x = span.factor(x, m.dU, m.dK, rm, rn)
+        c_step = span.split_blocks(c_m, 1 / (c1 * ((v_u / c2).sqrt() + eps)),
+                                   1 / (c1 * ((v_k / c2).sqrt() + eps)))
+        decay = 1.0 - lr * group["weight_decay"]
+        new, w1, z1 = span.truncate(sp, decay * c_x - lr * c_step, x.U.shape[-1])
+        self._put_tangent(states, "exp_avg", span.transport(sp, c_m, w1, z1))
         self._put(states, "exp_avg_sq_U", v_u)
         self._put(states, "exp_avg_sq_K", v_k)
         for st in states:

@@ -1,0 +1,133 @@
+"""One manifold step in 2r×2r coordinates: factor once, then only small algebra.
+
+At a point X = U Kᵀ (V spanning range K) with a tangent-like vector M = M_U Vᵀ + U M_Kᵀ, write
+M_U = Q_a R_a + U C_a (Q_a ⊥ U) and M_K = V C_b + Q_b R_b (Q_b ⊥ V). Then X, M, polar(M), its tangent
+projection, the retraction input (1 − ηλ)X − ηD, its best rank-r approximation, and the transport
+of M to the new point all live in span L = [Q_a U] (m×2r) on the left and R = [V Q_b] (n×2r) on
+the right, so each is a 2r×2r coordinate matrix C with the matrix being L C Rᵀ:
+
+- M ↦ [[R_a, 0], [C_bᵀ, R_bᵀ]]   (C_a, the U-part of M_U, is dropped: that is the projection
+  (I − UUᵀ), so M_U may be a raw Euclidean block such as G V)
+- X ↦ [[0, 0], [Sᵀ, 0]] with S = VᵀK
+- tangent projection: zero the (Q_a, Q_b) block
+- the new point U' = L W₁, V' = R Z₁ from the SVD of the coordinates, K' = V' Σ₁
+- transport of C to the new point: dU = L (I − W₁W₁ᵀ) C Z₁, dK = R Cᵀ W₁
+
+Collectives: the two CholeskyQR2-style orthonormalisations (four reductions of r×r / 2r×r blocks)
+plus S = VᵀK. Tall work: the Gram products, the basis updates and one (rows × 2r × 2r) matmul per
+side. Compared with calling project/ortho/retract/transport one after another this avoids every
+re-orthonormalisation they would repeat. ``geometry`` keeps those primitives as the specification.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .geometry import (
+    NULL_RTOL,
+    Point,
+    Reduce,
+    Tangent,
+    _complete,
+    _gram,
+    _mm,
+    _ns_polar,
+    _orthonormalize,
+)
+
+__all__ = ["Span", "factor", "polar", "tangent_part", "truncate", "transport", "split_blocks"]
+
+
+class Span(NamedTuple):
+    """Orthonormal bases L = [Q_a U] and R = [V Q_b] (kept as blocks: no tall copies), with the
+    masks of their non-zero columns."""
+
+    qa: Tensor  # (b, m, r)
+    u: Tensor  # (b, m, r)
+    v: Tensor  # (b, n, r)
+    qb: Tensor  # (b, n, r)
+    valid_left: Tensor  # (b, 2r) bool
+    valid_right: Tensor  # (b, 2r) bool
+
+    def left(self, small: Tensor) -> Tensor:
+        """L @ small for small (b, 2r, k)."""
+        r = self.u.shape[-1]
+        return _mm(self.qa, small[:, :r]) + _mm(self.u, small[:, r:])
+
+    def right(self, small: Tensor) -> Tensor:
+        """R @ small for small (b, 2r, k)."""
+        r = self.v.shape[-1]
+        return _mm(self.v, small[:, :r]) + _mm(self.qb, small[:, r:])
+
+
+def factor(x: Point, m_u: Tensor, m_k: Tensor, reduce_m: Reduce = None,
+           reduce_n: Reduce = None) -> tuple[Span, Tensor, Tensor]:
+    """Bases of the step's span and the coordinates of M = (I − UUᵀ) m_u Vᵀ + U m_kᵀ and of X.
+
+    Returns (span, coords of M, coords of X), coordinates (b, 2r, 2r) in fp64.
+    """
+    r = x.U.shape[-1]
+    qa, ra, _, keep_a = _orthonormalize(m_u, x.U, reduce_m)
+    qb, rb, cb, keep_b = _orthonormalize(m_k, x.V, reduce_n)
+    s = _gram(x.V, x.K, reduce_n)
+    cm = torch.zeros(x.U.shape[0], 2 * r, 2 * r, dtype=torch.float64, device=x.U.device)
+    cm[:, :r, :r] = ra
+    cm[:, r:, :r] = cb.mT
+    cm[:, r:, r:] = rb.mT
+    cx = torch.zeros_like(cm)
+    cx[:, r:, :r] = s.mT
+    ones = torch.ones_like(keep_a)
+    span = Span(qa, x.U, x.V, qb, torch.cat([keep_a, ones], -1), torch.cat([ones, keep_b], -1))
+    return span, cm, cx
+
+
+def polar(c: Tensor, eps: float = 1e-6, method: str = "svd", ns_steps: int = 5) -> Tensor:
+    """Coordinates of polar(L C Rᵀ) = L polar(C) Rᵀ (L, R orthonormal); σ < eps·σ_max dropped."""
+    if method == "newton_schulz":
+        return _ns_polar(c, ns_steps)
+    if method != "svd":
+        raise ValueError(f"ortho method must be 'svd' or 'newton_schulz', but got {method!r}")
+    w, sigma, zt = torch.linalg.svd(c)
+    keep = sigma > eps * sigma[:, :1].clamp_min(1e-300)
+    return (w * keep.unsqueeze(-2)) @ zt
+
+
+def tangent_part(c: Tensor) -> Tensor:
+    """Coordinates of the projection onto the tangent space at X: the (Q_a, Q_b) block is 0."""
+    r = c.shape[-1] // 2
+    out = c.clone()
+    out[:, :r, r:] = 0
+    return out
+
+
+def split_blocks(c: Tensor, scale_u: Tensor, scale_k: Tensor) -> Tensor:
+    """Scale the U̇ block (rows Q_a) and the K̇ block (rows U) of tangent coordinates separately."""
+    r = c.shape[-1] // 2
+    out = c.clone()
+    out[:, :r] *= scale_u.view(-1, 1, 1)
+    out[:, r:] *= scale_k.view(-1, 1, 1)
+    return out
+
+
+def truncate(span: Span, c: Tensor, r: int) -> tuple[Point, Tensor, Tensor]:
+    """Best rank-r approximation of L C Rᵀ: the new point, and W₁, Z₁ (2r×r) for transport."""
+    w, sigma, zt = torch.linalg.svd(c)
+    w1, z1, s1 = w[..., :r], zt.mT[..., :r], sigma[:, :r]
+    good = s1 > NULL_RTOL * s1[:, :1]
+    if not bool(good.all()):  # rank < r: complete the bases inside the valid coordinates
+        w1 = _complete(w1, span.valid_left, good)
+        z1 = _complete(z1, span.valid_right, good)
+        s1 = s1 * good
+    v_new = span.right(z1)
+    return Point(span.left(w1), v_new, v_new * s1.to(v_new.dtype).unsqueeze(-2)), w1, z1
+
+
+def transport(span: Span, c: Tensor, w1: Tensor, z1: Tensor) -> Tangent:
+    """Project L C Rᵀ onto the tangent space at the point (L W₁, R Z₁)."""
+    eye = torch.eye(w1.shape[-2], dtype=w1.dtype, device=w1.device)
+    du = (eye - w1 @ w1.mT) @ c @ z1
+    dk = c.mT @ w1
+    return Tangent(span.left(du), span.right(dk))
