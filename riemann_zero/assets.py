@@ -67,7 +67,8 @@ def wheel(package: str) -> Path:
     found = sorted(folder.glob(stem + "*.whl"))
     if result.returncode != 0 or not found:
         raise RuntimeError(
-            f"could not fetch {package}=={version} with `{' '.join(cmd)}`:\n{result.stderr[-2000:]}\n"
+            f"could not fetch {package}=={version} with `{' '.join(cmd)}`:\n"
+            f"{result.stderr[-2000:]}\n"
             f"Fix: make the package index reachable, or copy the wheel into {folder}."
         )
     return found[0]

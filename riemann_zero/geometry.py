@@ -169,8 +169,9 @@ def _orthonormalize(a: Tensor, basis: Tensor | None, reduce: Reduce
 
 def _complete(w: Tensor, valid: Tensor, good: Tensor) -> Tensor:
     """Columns of w (b,2r,r) with a zero singular value are arbitrary null vectors and may point at
-    zeroed basis columns. Replace them by an orthonormal completion inside the ``valid`` coordinates,
-    so the new factor stays orthonormal when the retracted matrix has rank < r. Rare path."""
+    zeroed basis columns. Replace them by an orthonormal completion inside the ``valid``
+    coordinates, so the new factor stays orthonormal when the retracted matrix has rank < r.
+    Rare path."""
     w = w.clone()
     for i in torch.nonzero(~good.all(-1)).flatten().tolist():
         kept = w[i][:, good[i]]

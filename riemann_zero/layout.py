@@ -88,6 +88,12 @@ def set_point(ad: Adapter, u: Tensor, v: Tensor, k: Tensor) -> None:
     """Write X = U Kᵀ (V spanning range K) into the adapter's PEFT parameters, with Z = 0."""
     r = ad.r
     a, b = ad.lora_A, ad.lora_B
+    if hasattr(a, "device_mesh") or hasattr(b, "device_mesh"):  # FSDP2: write the local shards
+        from .distributed import assign
+
+        assign(b, torch.cat([torch.zeros_like(u), u], dim=1))
+        assign(a, torch.cat([v, k], dim=1).mT)
+        return
     b[:, :r].zero_()
     b[:, r:].copy_(u)
     a[:r].copy_(v.mT)
@@ -97,7 +103,8 @@ def set_point(ad: Adapter, u: Tensor, v: Tensor, k: Tensor) -> None:
 def _check_rank(r: int, name: str, m: int, n: int) -> None:
     if r > min(m, n):
         raise ValueError(
-            f"rank r={r} is larger than min(out, in)=min({m}, {n}) of target module {name!r}: a rank-r "
+            f"rank r={r} is larger than min(out, in)=min({m}, {n}) of target module {name!r}: "
+            f"a rank-r "
             f"matrix of that shape does not exist. Fix: use r <= {min(m, n)} or drop this module "
             f"from target_modules."
         )
@@ -119,7 +126,8 @@ def get_peft_model(model: nn.Module, lora_config, init: str = "zero", seed: int 
     from peft import get_peft_model as peft_get_peft_model
 
     if init not in ("zero", "random"):
-        raise ValueError(f"init must be 'zero' or 'random' (LOI: call loi_init after), but got {init!r}")
+        raise ValueError(
+            f"init must be 'zero' or 'random' (LOI: call loi_init after), but got {init!r}")
     if getattr(lora_config, "use_dora", False):
         raise ValueError("use_dora=True is not a fixed-rank adapter; set use_dora=False")
     r = int(lora_config.r)
@@ -152,7 +160,8 @@ def _mark(peft_model: nn.Module, r: int | None) -> list[Adapter]:
             m, n = _in_out(module)
             _check_rank(rank, name, m, n)
             if int(module.r[adapter_name]) != 2 * rank:
-                raise ValueError(f"{name}: PEFT rank {module.r[adapter_name]} is not 2r = {2 * rank}")
+                raise ValueError(
+                    f"{name}: PEFT rank {module.r[adapter_name]} is not 2r = {2 * rank}")
             module.scaling[adapter_name] = 1.0
             setattr(module, RANK_ATTR, rank)
             found.append(Adapter(name, module, adapter_name, rank, m, n))
@@ -186,8 +195,9 @@ def convert(peft_model: nn.Module) -> list[Adapter]:
             u, v = qb @ w, qa @ zt.mT
             k = v * sigma
             dtype, device = a_old.dtype, a_old.device
-            module.lora_A[adapter_name] = nn.Linear(n, 2 * r, bias=False, dtype=dtype, device=device)
-            module.lora_B[adapter_name] = nn.Linear(2 * r, m, bias=False, dtype=dtype, device=device)
+            kw = dict(bias=False, dtype=dtype, device=device)
+            module.lora_A[adapter_name] = nn.Linear(n, 2 * r, **kw)
+            module.lora_B[adapter_name] = nn.Linear(2 * r, m, **kw)
             module.r[adapter_name] = 2 * r
             module.lora_alpha[adapter_name] = 2 * r
             module.scaling[adapter_name] = 1.0
@@ -225,7 +235,9 @@ def find_adapters(model: nn.Module) -> list[Adapter]:
 def gathered(params: list[Tensor], modify: bool = False):
     """Make full parameters visible inside the block under ZeRO-3 (a no-op elsewhere).
 
-    With ``modify=True`` the values written inside the block are re-partitioned on exit.
+    With ``modify=True`` the values written inside the block are re-partitioned on exit (rank 0's
+    values win) and copied into the engine's fp32 master partitions, if any. FSDP2 parameters stay
+    sharded: write them with :func:`set_point` (which handles DTensors).
     """
     if any(hasattr(p, "ds_id") for p in params):
         import deepspeed
@@ -234,6 +246,11 @@ def gathered(params: list[Tensor], modify: bool = False):
             yield
     else:
         yield
+    if modify:  # an engine's fp32 master copies (ZeRO-1/2/3) must see the new values too
+        from .distributed import refresh_master
+
+        for p in params:
+            refresh_master(p)
 
 
 def _full(p: Tensor) -> Tensor:

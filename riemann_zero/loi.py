@@ -133,7 +133,8 @@ def sketch_gradients(model: nn.Module, batches: Iterable, *, extra: int = 16, po
             y = sketcher.run("m", {k: _orth(v) for k, v in z.items()}, model, batches, loss_fn,
                              reduce, f"LOI pass {2 * i + 3}/{passes}")
         basis = {k: _orth(v) for k, v in y.items()}
-        zt = sketcher.run("n", basis, model, batches, loss_fn, reduce, f"LOI pass {passes}/{passes}")
+        zt = sketcher.run("n", basis, model, batches, loss_fn, reduce,
+                          f"LOI pass {passes}/{passes}")
     finally:
         sketcher.close()
     out = {}
@@ -162,7 +163,8 @@ def loi_init(model: nn.Module, batches: Iterable, *, p: int = 16, q: int = 1,
     adapters = find_adapters(model)
     for ad in adapters:
         if hasattr(ad.module, "loi_B0"):
-            raise ValueError(f"LOI was already applied to {ad.name}; build a fresh model to redo it")
+            raise ValueError(
+                f"LOI was already applied to {ad.name}; build a fresh model to redo it")
         if 2 * ad.r > min(ad.m, ad.n):
             raise ValueError(
                 f"LOI needs 2r <= min(out, in), but {ad.name} has r={ad.r} and shape "

@@ -1,4 +1,8 @@
-"""Riemannion: Muon on the manifold of rank-r matrices (arXiv 2507.12142 v2, Algorithm 4, corrected)."""
+"""Riemannion: Muon on the manifold of rank-r matrices.
+
+arXiv 2507.12142 v2, Algorithm 4, with the corrections of DESIGN §2 (raw momentum, retraction of
+(1 − ηλ)X − ηD).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ class Riemannion(ManifoldOptimizer):
         M    = β · T(M_prev) + ξ                       # heavy-ball momentum, transported
         D    = P_T(polar(M))                           # Muon direction, back in the tangent space
         X'   = SVD_r((1 − ηλ) X − η D)                 # decoupled weight decay, SVD retraction
-        store T_{X→X'}(M)                              # raw momentum ("raw", default) or D ("paper")
+        store T_{X→X'}(M)                              # raw M ("raw", default) or D ("paper")
 
     Every quantity depends on X only, never on how X is factored. Cost O((m+n) r² + r³) per
     adapter; collectives only on r×r / 2r×r blocks.
@@ -64,7 +68,8 @@ class Riemannion(ManifoldOptimizer):
         if ortho not in ("svd", "newton_schulz"):
             raise ValueError(f"ortho must be 'svd' or 'newton_schulz', but got {ortho!r}")
         if momentum_buffer not in ("raw", "paper"):
-            raise ValueError(f"momentum_buffer must be 'raw' or 'paper', but got {momentum_buffer!r}")
+            raise ValueError(
+                f"momentum_buffer must be 'raw' or 'paper', but got {momentum_buffer!r}")
         if lr_scale not in (None, "rms"):
             raise ValueError(f"lr_scale must be None or 'rms', but got {lr_scale!r}")
         if ns_steps < 1:
@@ -76,8 +81,8 @@ class Riemannion(ManifoldOptimizer):
                      eps=adamw_eps, weight_decay=adamw_weight_decay)
         super().__init__(model, defaults, adamw, params)
 
-    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor, states: list[dict],
-                shards) -> geo.Point:
+    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
+                states: list[dict], shards) -> geo.Point:
         rm, rn = shards.reduce_m, shards.reduce_n
         lr = group["lr"]
         if group["lr_scale"] == "rms":

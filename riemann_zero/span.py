@@ -1,10 +1,10 @@
 """One manifold step in 2r×2r coordinates: factor once, then only small algebra.
 
 At a point X = U Kᵀ (V spanning range K) with a tangent-like vector M = M_U Vᵀ + U M_Kᵀ, write
-M_U = Q_a R_a + U C_a (Q_a ⊥ U) and M_K = V C_b + Q_b R_b (Q_b ⊥ V). Then X, M, polar(M), its tangent
-projection, the retraction input (1 − ηλ)X − ηD, its best rank-r approximation, and the transport
-of M to the new point all live in span L = [Q_a U] (m×2r) on the left and R = [V Q_b] (n×2r) on
-the right, so each is a 2r×2r coordinate matrix C with the matrix being L C Rᵀ:
+M_U = Q_a R_a + U C_a (Q_a ⊥ U) and M_K = V C_b + Q_b R_b (Q_b ⊥ V). Then X, M, polar(M), its
+tangent projection, the retraction input (1 − ηλ)X − ηD, its best rank-r approximation, and the
+transport of M to the new point all live in span L = [Q_a U] (m×2r) on the left and
+R = [V Q_b] (n×2r) on the right, so each is a 2r×2r coordinate matrix C standing for L C Rᵀ:
 
 - M ↦ [[R_a, 0], [C_bᵀ, R_bᵀ]]   (C_a, the U-part of M_U, is dropped: that is the projection
   (I − UUᵀ), so M_U may be a raw Euclidean block such as G V)
