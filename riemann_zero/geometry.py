@@ -154,7 +154,7 @@ def _orthonormalize(a: Tensor, basis: Tensor | None, reduce: Reduce
             # and must be dropped, which a test relative to the residual's own λ_max never does.
             scale = torch.diagonal(gram, dim1=-2, dim2=-1).sum(-1, keepdim=True)
             gram = gram - coef.mT @ coef  # (q − basis·coef)ᵀ(q − basis·coef), basis orthonormal
-            q = q - _mm(basis, coef)
+            q = torch.baddbmm(q, basis, coef.to(q.dtype), alpha=-1.0)
             c = c + coef @ r
         lam, vec = torch.linalg.eigh((gram + gram.mT) / 2)
         keep = lam > GRAM_RTOL * scale.clamp_min(1e-300)
