@@ -151,7 +151,7 @@ def training_part(batches: list[int], r: int, seq: int, model_layers: int, steps
         best = {}
         for _ in range(repeats):
             for kind, (model, opt) in models.items():
-                def run(model=model, opt=opt):
+                def run(model=model, opt=opt, data=data):
                     for _ in range(steps):
                         model(**data).loss.backward()
                         opt.step()
@@ -222,7 +222,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["optimizer", "training", "all"], default="all")
     ap.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64])
-    ap.add_argument("--layers", type=int, default=32, help="Llama-3-8B layers for the optimizer part")
+    ap.add_argument("--layers", type=int, default=32,
+                    help="Llama-3-8B layers for the optimizer part")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])
     ap.add_argument("--train-rank", type=int, default=16)

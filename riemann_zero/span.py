@@ -42,7 +42,8 @@ from .geometry import (
 # fp32 step (~1e-6), well below the 1e-5 the health checks allow.
 DRIFT_TOL = 3e-6
 
-__all__ = ["Span", "restore_orthonormality", "factor", "polar", "tangent_part", "truncate", "transport", "split_blocks"]
+__all__ = ["Span", "restore_orthonormality", "factor", "polar", "tangent_part", "truncate",
+           "transport", "split_blocks"]
 
 
 class Span(NamedTuple):
@@ -87,7 +88,8 @@ def restore_orthonormality(x: Point, reduce_m: Reduce = None, reduce_n: Reduce =
     def powers(g: Tensor) -> tuple[Tensor, Tensor]:
         lam, vec = torch.linalg.eigh((g + g.mT) / 2)
         lam = lam.clamp_min(1e-12)
-        return (vec * lam.rsqrt().unsqueeze(-2)) @ vec.mT, (vec * lam.sqrt().unsqueeze(-2)) @ vec.mT
+        inv_root = (vec * lam.rsqrt().unsqueeze(-2)) @ vec.mT
+        return inv_root, (vec * lam.sqrt().unsqueeze(-2)) @ vec.mT
 
     u_inv, u_half = powers(g_u)
     v_inv, _ = powers(g_v)
