@@ -7,16 +7,36 @@ batch of same-shaped adapters, written with ``riemann_zero.geometry`` only.
 from __future__ import annotations
 
 import abc
-from collections import defaultdict
+import logging
+from collections import Counter, defaultdict
 
 import torch
 from torch import Tensor, nn
 
 from . import geometry as geo
+from . import span
 from .distributed import resolve_shards
 from .layout import Adapter, find_adapters
 
 __all__ = ["ManifoldOptimizer"]
+
+_log = logging.getLogger(__name__)
+
+
+def _canonical(x: geo.Point, shards) -> geo.Point:
+    """Re-factor a point first read from low-precision (bf16/fp16) parameters.
+
+    Rounded to bf16, U is orthonormal only to ~1e-3 and V no longer spans range K; every later
+    step would inherit both (the geometry assumes them). The point the model computes with,
+    X̃ = Ũ K̃ᵀ, is kept: Ũ = Q R gives U = Q, K = K̃ Rᵀ, and a zero-step retraction re-derives an
+    orthonormal V spanning range K with K = V Σ.
+    """
+    rm, rn = shards.reduce_m, shards.reduce_n
+    q, rr, _, _ = geo._orthonormalize(x.U, None, rm)
+    v = geo._orthonormalize(x.V, None, rn)[0]
+    start = geo.Point(q, v, x.K @ rr.mT.to(x.K.dtype))
+    zero = geo.Tangent(torch.zeros_like(start.U), torch.zeros_like(start.K))
+    return geo.retract(start, zero, 1.0, rm, rn)
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
@@ -56,6 +76,10 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         self.adapters: dict[str, Adapter] = {ad.name: ad for ad in adapters}
         self.adapter_state: dict[str, dict] = defaultdict(dict)
         self.shards = None  # resolved at the first step, once an engine has laid out the params
+        # One batched call per shape (default); False runs a per-adapter loop (benchmarks, debugging).
+        self.batch_by_shape = True
+        self.last_step_comm: dict[str, int] = {}
+        self.comm_total: Counter[str] = Counter()
 
     # ----------------------------------------------------------------------------------- step
     def _shards(self):
@@ -67,7 +91,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         by_shape: dict[tuple, list[Adapter]] = defaultdict(list)
         for name in names:
             ad = self.adapters[name]
-            by_shape[(ad.m, ad.n, ad.r)].append(ad)
+            by_shape[(ad.m, ad.n, ad.r) if self.batch_by_shape else name].append(ad)
         return list(by_shape.values())
 
     @torch.no_grad()
@@ -79,9 +103,16 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
                 loss = closure()
         for group in self.param_groups:
             if group.get("kind") == "manifold":
+                if not group["params"]:  # ZeRO-3 steps one sub-group at a time; not ours now
+                    continue
                 shards = self._shards()
+                shards.comm.clear()
                 for bucket in self._buckets(group["adapters"]):
                     self._step_bucket(group, bucket, shards)
+                self.last_step_comm = dict(shards.comm)  # bytes by collective, this step
+                self.comm_total.update(shards.comm)
+                if _log.isEnabledFor(logging.DEBUG):
+                    _log.debug("manifold step communication (bytes): %s", self.last_step_comm)
             else:
                 self._adamw_step(group)
         return loss
@@ -94,12 +125,19 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         rows_n = [rd[2].shape[0] for rd in reads]
         dtype = torch.float64 if reads[0][0].dtype == torch.float64 else torch.float32
 
-        def stack(i: int, rows: list[int]) -> Tensor:
-            return torch.stack([_pad_rows(rd[i].to(dtype), max(rows)) for rd in reads])
+        def stack(i: int, cols: slice, rows: list[int]) -> Tensor:  # only the r-wide halves used
+            return torch.stack([_pad_rows(rd[i][:, cols].to(dtype), max(rows)) for rd in reads])
 
-        b, gb, at, gat = stack(0, rows_m), stack(1, rows_m), stack(2, rows_n), stack(3, rows_n)
-        x = geo.Point(b[..., r:], at[..., :r], at[..., r:])
-        new = self._update(group, bucket, x, gb[..., :r], gat[..., r:], states, shards)
+        first, last = slice(0, r), slice(r, 2 * r)
+        x = geo.Point(stack(0, last, rows_m), stack(2, first, rows_n), stack(2, last, rows_n))
+        x = span.restore_orthonormality(x, shards.reduce_m, shards.reduce_n)
+        g_u, g_k = stack(1, first, rows_m), stack(3, last, rows_n)
+        if bucket[0].lora_B.dtype not in (torch.float32, torch.float64) and not all(
+                "canonical" in st for st in states):
+            x = _canonical(x, shards)
+            for st in states:
+                st["canonical"] = True
+        new = self._update(group, bucket, x, g_u, g_k, states, shards)
         b_new = torch.cat([torch.zeros_like(new.U), new.U], dim=-1)
         at_new = torch.cat([new.V, new.K], dim=-1)
         for i, (ad, st) in enumerate(zip(bucket, states)):
@@ -137,18 +175,19 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
             if p.grad is None:
                 continue
             st = self.state[p]
+            dtype = torch.promote_types(p.dtype, torch.float32)  # fp64 stays fp64, bf16 → fp32
             if not st:
                 st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
             st["step"] += 1
-            g = p.grad.float()
+            g = p.grad.to(dtype)
             st["exp_avg"].lerp_(g, 1 - beta1)
             st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
             bias1 = 1 - beta1 ** st["step"]
             bias2 = 1 - beta2 ** st["step"]
             denom = (st["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-            update = p.float().mul_(1 - group["lr"] * group["weight_decay"])
+            update = p.to(dtype).mul_(1 - group["lr"] * group["weight_decay"])
             update.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / bias1)
             p.copy_(update)
 
@@ -170,6 +209,13 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         if unknown:
             raise ValueError(f"optimizer state names adapters this model lacks: {sorted(unknown)[:5]}")
         super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; the AdamW moments of bf16
+        # parameters are fp32 and must come back bit-exact (resume = identical next step).
+        params = [p for group in self.param_groups for p in group["params"]]
+        for idx, st in state_dict.get("state", {}).items():
+            for k, v in st.items():
+                if isinstance(v, Tensor) and k != "step" and v.is_floating_point():
+                    self.state[params[idx]][k] = v.to(device=params[idx].device, copy=True)
         self.adapter_state = defaultdict(dict)
         for name, st in adapter_state.items():  # keep dtypes: fp32 masters of bf16 params stay fp32
             device = self.adapters[name].lora_B.device

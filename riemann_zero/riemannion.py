@@ -74,6 +74,8 @@ class Riemannion(ManifoldOptimizer):
             raise ValueError(f"lr_scale must be None or 'rms', but got {lr_scale!r}")
         if ns_steps < 1:
             raise ValueError(f"ns_steps must be >= 1, but got {ns_steps}")
+        if not 0.0 <= ortho_eps < 1.0:
+            raise ValueError(f"ortho_eps must be in [0, 1), but got {ortho_eps}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ortho=ortho,
                         ns_steps=ns_steps, ortho_eps=ortho_eps, momentum_buffer=momentum_buffer,
                         lr_scale=lr_scale)
