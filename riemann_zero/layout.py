@@ -85,15 +85,20 @@ def _orth(a: Tensor) -> Tensor:
 
 @torch.no_grad()
 def set_point(ad: Adapter, u: Tensor, v: Tensor, k: Tensor) -> None:
-    """Write X = U Kᵀ (V spanning range K) into the adapter's PEFT parameters, with Z = 0."""
-    r = ad.r
-    a, b = ad.lora_A, ad.lora_B
-    if hasattr(a, "device_mesh") or hasattr(b, "device_mesh"):  # FSDP2: write the local shards
-        from .distributed import assign
+    """Write X = U Kᵀ (V spanning range K) into the adapter's PEFT parameters, with Z = 0.
 
+    Under an engine (ZeRO-1/2/3, FSDP2) only this rank's part is written, together with the
+    engine's fp32 master copy; nothing is gathered. u, v, k are the full factors (the same on
+    every rank).
+    """
+    from .distributed import assign, layout_of
+
+    a, b = ad.lora_A, ad.lora_B
+    if layout_of(a) != "local" or layout_of(b) != "local":
         assign(b, torch.cat([torch.zeros_like(u), u], dim=1))
         assign(a, torch.cat([v, k], dim=1).mT)
         return
+    r = ad.r
     b[:, :r].zero_()
     b[:, r:].copy_(u)
     a[:r].copy_(v.mT)
@@ -146,8 +151,7 @@ def get_peft_model(model: nn.Module, lora_config, init: str = "zero", seed: int 
         else:
             k = init_scale * torch.randn(ad.n, r, generator=gen, dtype=torch.float64)
             v = _orth(k)
-        with gathered([ad.lora_A, ad.lora_B], modify=True):
-            set_point(ad, u, v, k)
+        set_point(ad, u, v, k)
     return peft_model
 
 

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from .layout import Adapter, find_adapters, gathered, set_point
+from .distributed import assign, shift_base
+from .layout import Adapter, find_adapters, set_point
 
 __all__ = ["loi_init", "sketch_gradients"]
 
@@ -95,15 +96,6 @@ def _orth(y: Tensor) -> Tensor:
     return torch.linalg.qr(y.double())[0].float()
 
 
-@torch.no_grad()
-def _shift_base(ad: Adapter, b0: Tensor, a0: Tensor) -> None:
-    """W ← W − B₀A₀ computed in fp32, on the full weight (gathered under ZeRO-3)."""
-    weight = ad.module.get_base_layer().weight
-    with gathered([weight], modify=True):
-        full = weight.float() - (b0 @ a0).to(weight.device)
-        weight.copy_(full.to(weight.dtype))
-
-
 def sketch_gradients(model: nn.Module, batches: Iterable, *, extra: int = 16, power_steps: int = 1,
                      seed: int = 0, reduce: Reduce = None, loss_fn=None
                      ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
@@ -174,10 +166,9 @@ def loi_init(model: nn.Module, batches: Iterable, *, p: int = 16, q: int = 1,
         raise ValueError(f"p and q must be >= 0, but got p={p}, q={q}")
     was_training = model.training
     model.eval()  # deterministic passes; dropout only touches the LoRA branch anyway
-    with torch.no_grad():  # X = 0 during the sketches: G is the gradient at the pretrained W
-        for ad in adapters:
-            with gathered([ad.lora_A], modify=True):
-                ad.lora_A[ad.r:].zero_()
+    with torch.no_grad():  # X = B·A = 0 during the sketches: G is the gradient at the pretrained W
+        for ad in adapters:  # (this rank's part only, under any engine layout)
+            assign(ad.lora_A, torch.zeros(2 * ad.r, ad.n, device=ad.lora_A.device))
     with torch.enable_grad():
         svd = sketch_gradients(model, batches, extra=p, power_steps=q, seed=seed, reduce=reduce,
                                loss_fn=loss_fn)
@@ -191,11 +182,10 @@ def loi_init(model: nn.Module, batches: Iterable, *, p: int = 16, q: int = 1,
                 raise ValueError("alpha must be non-zero (ΔW₀ = 0 is not a rank-r point)")
             u_r, v_2 = u[:, : ad.r], v[:, ad.r: 2 * ad.r]
             b0, a0 = u_r.contiguous(), (a * v_2).mT.contiguous()  # ΔW₀ = B₀ A₀ (fp32)
-            _shift_base(ad, b0, a0)
+            shift_base(ad.module.get_base_layer().weight, b0, a0)  # this rank's part, fp32
             device = ad.lora_A.device
             ad.module.register_buffer("loi_B0", b0.to(device))
             ad.module.register_buffer("loi_A0", a0.to(device))
-            with gathered([ad.lora_A, ad.lora_B], modify=True):
-                set_point(ad, u_r, v_2, a * v_2)
+            set_point(ad, u_r, v_2, a * v_2)
             sigmas[ad.name] = s[: 2 * ad.r]
     return sigmas

@@ -1,0 +1,158 @@
+"""Communication of one Riemannion step under FSDP2 / ZeRO, next to the engine's own traffic.
+
+Computed part (Llama-3-8B adapters on q, k, v, up, down of 32 layers; r = 8…64; world 8…1024):
+the optimizer's bytes per step from the same shape model the tests check against the live counters
+(``riemann_zero.zero_comm.step_bytes``), next to (a) the engine's gradient reduction plus parameter
+all-gather for the adapters and (b) a design that gathers every full factor (m×2r, n×2r) before
+stepping. Measured part (``--measure``): a tiny Llama on gloo with world 2–4 under FSDP2 and
+ZeRO-3, the optimizer's own counters after one step, and the prediction for the same shapes.
+
+Bytes are payloads: what one rank hands to the collective per step (a ring all-reduce moves about
+twice that over the wire, an all-gather or reduce-scatter about once).
+
+Usage: ``python bench/comm.py [--measure]`` prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from riemann_zero.zero_comm import engine_grad_bytes, gather_factor_bytes, step_bytes  # noqa: E402
+
+# Llama-3-8B: hidden 4096, 8 KV heads × 128, MLP 14336, 32 layers. (m = out, n = in)
+LLAMA3_8B = [(4096, 4096), (1024, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+LAYERS = 32
+
+
+def shapes_8b(r: int) -> list[tuple[int, int, int]]:
+    return [(m, n, r) for m, n in LLAMA3_8B] * LAYERS
+
+
+def mib(x: float) -> str:
+    return f"{x / 2**20:,.2f}"
+
+
+def computed_table() -> str:
+    lines = [
+        "| r | world | FSDP2 optimizer | ZeRO-3 optimizer | ZeRO-1/2 optimizer (worst case) "
+        "| engine grads + param gather | gather-the-factors design |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in (8, 16, 32, 64):
+        shapes = shapes_8b(r)
+        for world in (8, 64, 1024):
+            fsdp = sum(step_bytes(shapes, "fsdp2", world).values())
+            z3 = sum(step_bytes(shapes, "zero3", world).values())
+            z12 = sum(step_bytes(shapes, "zero12", world, [True] * len(shapes)).values())
+            eng = engine_grad_bytes(shapes, stage=3)
+            gat = gather_factor_bytes(shapes, world)
+            lines.append(f"| {r} | {world} | {mib(fsdp)} | {mib(z3)} | {mib(z12)} | {mib(eng)} "
+                         f"| {mib(gat)} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- measured
+TINY = dict(vocab_size=64, hidden_size=64, intermediate_size=224, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=32,
+            tie_word_embeddings=False)
+TINY_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+
+
+def _tiny_model(r: int):
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import riemann_zero as rz
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**TINY)).float()
+    return rz.get_peft_model(base, LoraConfig(r=r, target_modules=TINY_TARGETS), init="random")
+
+
+def _rank(rank: int, world: int, port: int, engine: str, r: int, queue) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import riemann_zero as rz
+
+    model = _tiny_model(r)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(rank))
+    if engine == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        opt = rz.Riemannion(model, lr=1e-3)
+        eng, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt, config={
+            "train_micro_batch_size_per_gpu": 2, "zero_allow_untested_optimizer": True,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+        eng.backward(eng(input_ids=ids, labels=ids).loss)
+        eng.step()
+        inner = opt.optimizer if hasattr(opt, "optimizer") else opt
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        from riemann_zero.distributed import fsdp_placement
+
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        place = fsdp_placement(model)
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, shard_placement_fn=place)
+        fully_shard(model, shard_placement_fn=place)
+        inner = rz.Riemannion(model, lr=1e-3)
+        model(input_ids=ids, labels=ids).loss.backward()
+        inner.step()
+    if rank == 0:
+        shapes = [(ad.m, ad.n, ad.r) for ad in inner.adapters.values()]
+        queue.put((dict(inner.last_step_comm), dict(step_bytes(shapes, engine, world)),
+                   engine_grad_bytes(shapes, 3), gather_factor_bytes(shapes, world)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measured_table(r: int = 4) -> str:
+    import torch.multiprocessing as mp
+
+    lines = ["| engine | world | measured optimizer | predicted | by collective (measured) "
+             "| engine grads + param gather | gather-the-factors |",
+             "|---|---|---|---|---|---|---|"]
+    ctx = mp.get_context("spawn")
+    for engine in ("fsdp2", "zero3"):
+        for world in (2, 3, 4):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            queue = ctx.SimpleQueue()
+            mp.start_processes(_rank, args=(world, port, engine, r, queue), nprocs=world,
+                               start_method="spawn")
+            got, pred, eng, gat = queue.get()
+            parts = ", ".join(f"{k.split('.')[-1]} {v:,}" for k, v in sorted(got.items()))
+            lines.append(f"| {engine} | {world} | {sum(got.values()):,} B | "
+                         f"{sum(pred.values()):,} B{'' if got == pred else ' (MISMATCH)'} | "
+                         f"{parts} | {eng:,} B | {gat:,} B |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--measure", action="store_true", help="also run gloo worlds 2-4")
+    args = parser.parse_args(argv)
+    print("### Llama-3-8B adapters (q, k, v, up, down × 32 layers), MiB per step per rank\n")
+    print(computed_table())
+    if args.measure:
+        print("\n### Measured on gloo (tiny Llama, hidden 64, r = 4), bytes per step per rank\n")
+        print(measured_table())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

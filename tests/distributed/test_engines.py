@@ -1,0 +1,198 @@
+"""ZeRO-1/2/3 and FSDP2 runs of Riemannion (CPU, gloo, several processes) equal the
+single-process run, with and without gradient accumulation and LOI; a ZeRO-3 adapter loads in
+stock PEFT; the optimizer's bytes per step are what the shapes predict.
+
+Tolerance: every case trains in fp32 for 5 steps. The engines average gradients in a different
+order than the single process sums them (all-reduce / reduce-scatter of per-rank means, micro-batch
+accumulation), which changes the fp32 gradients by ~1e-7 relative; the step is smooth in the
+gradient (polar factor of a well-separated spectrum, SVD truncation), so the points differ by a few
+1e-7 after 5 steps (measured ≤ 8e-7; LOI ≤ 2e-6, its randomized SVD re-orthonormalises fp32
+sketches). RTOL = 1e-5 is ten times that, and far below the ~1 relative change a wrong layout,
+a lost boundary row or a doubled step gives (a gradient step with lr 0.02 moves X by ~10 %).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from riemann_zero.zero_comm import step_bytes
+
+WORKER = Path(__file__).with_name("worker.py")
+sys.path.insert(0, str(WORKER.parent))
+import worker  # noqa: E402
+
+RTOL = 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+def run_spec(tmp: Path, port: int, world: int, cases: list[dict], **extra) -> Path:
+    """Run the reference and the multi-process cases; return the output folder."""
+    out = tmp / f"w{world}"
+    spec = {"world": world, "steps": 5, "r": 2, "port": port, "out": str(out), "cases": cases,
+            **extra}
+    path = tmp / f"spec_w{world}.json"
+    path.write_text(json.dumps(spec))
+    for args in (["--reference"], []):
+        proc = subprocess.run([sys.executable, str(WORKER), str(path), *args], env=_env(),
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def rel_err(out: Path, name: str, loi: bool) -> float:
+    ref = torch.load(out / "reference.pt")[f"loi{int(loi)}"]["points"]
+    got = torch.load(out / f"{name}.pt")["points"]
+    assert set(got) == set(ref)
+    return max(float((got[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
+
+
+def _shapes() -> list[tuple[int, int, int]]:
+    """(m, n, r) of the worker model's adapters, in module order."""
+    cfg = worker.LLAMA
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    per_layer = [(h, h, 2), (kv, h, 2), (kv, h, 2), (h, inter, 2)]  # q, k, v, down
+    return per_layer * cfg["num_hidden_layers"]
+
+
+# World 3: uneven splits everywhere, k/v lora_B (4 rows) leave FSDP2 rank 2 empty, ZeRO-3 cuts
+# their rows mid-row (boundary exchange), ZeRO-1/2 leave most adapters wholly on one rank, and
+# FSDP2 keeps down_proj's lora_A (n = 40, 3 ∤ 40) on Shard(0) (gathered n side).
+W3_DEFAULT = [
+    {"name": "zero1", "engine": "zero1"},
+    {"name": "zero2_gas4", "engine": "zero2", "gas": 4},
+    {"name": "zero3_gas4", "engine": "zero3", "gas": 4},
+    {"name": "fsdp2_gas4", "engine": "fsdp2", "gas": 4},
+]
+W2_DEFAULT = [
+    {"name": "zero3_loi", "engine": "zero3", "loi": True, "save": True},
+    {"name": "fsdp2_loi", "engine": "fsdp2", "loi": True},
+]
+
+
+@pytest.fixture(scope="module")
+def world3(tmp_path_factory) -> Path:
+    return run_spec(tmp_path_factory.mktemp("w3"), _free_port(), 3, W3_DEFAULT)
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory) -> Path:
+    return run_spec(tmp_path_factory.mktemp("w2"), _free_port(), 2, W2_DEFAULT,
+                    save_reference=True)
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in W3_DEFAULT])
+def test_world3_equals_single_process(world3, name):
+    assert rel_err(world3, name, loi=False) <= RTOL
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in W2_DEFAULT])
+def test_world2_loi_equals_single_process(world2, name):
+    assert rel_err(world2, name, loi=True) <= RTOL
+
+
+def test_layouts_detected(world3):
+    layouts = {c["name"]: torch.load(world3 / f"{c['name']}.pt")["layout"] for c in W3_DEFAULT}
+    assert layouts == {"zero1": "ZeroFlatShards", "zero2_gas4": "ZeroFlatShards",
+                       "zero3_gas4": "Zero3Shards", "fsdp2_gas4": "FsdpShards"}
+
+
+@pytest.mark.parametrize("name,layout", [("zero3_gas4", "zero3"), ("fsdp2_gas4", "fsdp2")])
+def test_step_bytes_match_shape_prediction(world3, name, layout):
+    """Measured bytes by collective, every step, equal the count predicted from the shapes; the
+    prediction has no term in m·n (so no collective grows with a full matrix)."""
+    comm = torch.load(world3 / f"{name}.pt")["comm"]
+    predicted = dict(step_bytes(_shapes(), layout, world=3))
+    assert len(comm) == 5  # exactly one manifold step per optimizer step (gas = 4)
+    for step in comm:
+        assert step == predicted
+    bigger = [(m * 10, n * 10, r) for m, n, r in _shapes()]  # 100× m·n → at most 10× bytes
+    assert sum(step_bytes(bigger, layout, 3).values()) <= 10 * sum(predicted.values())
+
+
+def test_zero12_bytes_match_shape_prediction(world3):
+    """ZeRO-1/2: Grams and the gathered n side exactly as predicted; boundary-row exchanges come
+    in whole per-adapter units (which adapters are cut depends on DeepSpeed's flat layout)."""
+    for name in ("zero1", "zero2_gas4"):
+        for step in torch.load(world3 / f"{name}.pt")["comm"]:
+            pred = step_bytes(_shapes(), "zero12", world=3)
+            assert step["all_reduce.gram_m"] == pred["all_reduce.gram_m"]
+            assert step["all_reduce.gather_n"] == pred["all_reduce.gather_n"]
+            unit = 3 * (1 + 4 * 2) * 4
+            assert step.get("all_reduce.boundary_rows", 0) % unit == 0
+
+
+def test_zero3_adapter_loads_in_stock_peft(world2, tmp_path):
+    """The adapter saved from the 2-rank ZeRO-3 (LOI) run is non-empty, has the PEFT shapes, and
+    stock PEFT on the ORIGINAL base gives the logits of the 1-process run's adapter (rtol as the
+    points: 1e-5, measured on logits of size ~1)."""
+    from safetensors.torch import load_file
+
+    saved = world2 / "zero3_loi_adapter"
+    tensors = load_file(str(saved / "adapter_model.safetensors"))
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+    shapes = dict(zip(["q_proj", "k_proj", "v_proj", "down_proj"], _shapes()))
+    assert len(tensors) == 2 * len(_shapes())
+    for key, t in tensors.items():  # rank 2r = 4 after LOI: [U | B₀] [K | −A₀ᵀ]ᵀ
+        m, n, _ = shapes[key.split(".")[-3]]
+        assert tuple(t.shape) == ((4, n) if "lora_A" in key else (m, 4)), key
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(WORKER.parent)!r})
+        from worker import LLAMA, VOCAB
+        from peft import PeftModel
+        from transformers import LlamaConfig, LlamaForCausalLM
+        assert "riemann_zero" not in sys.modules
+        ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+        out = []
+        for path in ({str(saved)!r}, {str(world2 / "reference_loi1_adapter")!r}):
+            torch.manual_seed(0)
+            base = LlamaForCausalLM(LlamaConfig(**LLAMA)).float()
+            model = PeftModel.from_pretrained(base, path).eval()
+            with torch.no_grad():
+                out.append(model(input_ids=ids).logits)
+        assert "riemann_zero" not in sys.modules
+        torch.save(out, {str(tmp_path / "logits.pt")!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dist_logits, ref_logits = torch.load(tmp_path / "logits.pt")
+    assert (dist_logits - ref_logits).abs().max() <= RTOL * ref_logits.abs().max()
+
+
+# --------------------------------------------------------------------------- full matrix
+FULL = [
+    {"name": f"{eng}_gas{gas}{'_loi' if loi else ''}", "engine": eng, "gas": gas, "loi": loi}
+    for eng in ("zero1", "zero2", "zero3", "fsdp2") for gas in (1, 4) for loi in (False, True)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_full_matrix(world, tmp_path):
+    """Both world sizes × 4 engines × gradient accumulation 1/4 × LOI on/off."""
+    cases = FULL
+    out = run_spec(tmp_path, _free_port(), world, cases)
+    errors = {c["name"]: rel_err(out, c["name"], c["loi"]) for c in cases}
+    assert max(errors.values()) <= RTOL, errors

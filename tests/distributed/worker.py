@@ -1,0 +1,199 @@
+"""Multi-process training worker for the distributed tests (CPU, gloo).
+
+``python tests/distributed/worker.py SPEC.json`` spawns ``world`` ranks; each rank runs every case
+of the spec in turn (engine in zero1/zero2/zero3/fsdp2, gradient accumulation, LOI) on the same
+tiny random Llama and the same data, and rank 0 writes ``OUT/<case>.pt`` with the final points X
+(m×n, built from the gathered factors), the optimizer's bytes by collective at every step and,
+if asked, a saved adapter. ``python tests/distributed/worker.py SPEC.json --reference`` runs the
+single-process Riemannion on the whole global batch instead (no engine), for comparison.
+
+Data layout: step s uses the global batch ``DATA[s]`` of ``world × MICRO × gas`` sequences,
+ordered [rank][micro-batch][sample]; every sequence has the same length, so the mean of the
+micro-batch mean losses equals the global mean loss the reference optimises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+SEQ, VOCAB, PER_RANK = 8, 64, 4  # PER_RANK = micro-batch size × gradient accumulation steps
+TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]
+LLAMA = dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+             num_attention_heads=6, num_key_value_heads=1, head_dim=4, max_position_embeddings=32,
+             tie_word_embeddings=False)
+OPT = dict(lr=0.02, momentum=0.9, weight_decay=0.01)
+
+
+def build(r: int):
+    """The tiny Llama with manifold adapters (k_proj/v_proj have m = 4 rows: empty FSDP2 shards
+    at world 3), identical on every rank."""
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import riemann_zero as rz
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**LLAMA)).float()
+    return rz.get_peft_model(base, LoraConfig(r=r, target_modules=TARGETS), init="random",
+                             init_scale=0.05)
+
+
+def data(world: int, steps: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, VOCAB, (steps, world * PER_RANK, SEQ), generator=gen)
+
+
+def calibration(world: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(2)
+    return torch.randint(0, VOCAB, (2, world * PER_RANK, SEQ), generator=gen)
+
+
+def points(model) -> dict[str, torch.Tensor]:
+    import riemann_zero as rz
+
+    return {k: v.detach().double().clone() for k, v in rz.manifold_points(model).items()}
+
+
+def reference(spec: dict) -> dict:
+    """Single process, no engine, whole global batch per step."""
+    import riemann_zero as rz
+
+    torch.set_num_threads(1)
+    world, steps = spec["world"], spec["steps"]
+    out = {}
+    for loi in sorted({bool(c.get("loi", False)) for c in spec["cases"]}):
+        model = build(spec["r"])
+        if loi:
+            rz.loi_init(model, [{"input_ids": b, "labels": b} for b in calibration(world)])
+        opt = rz.Riemannion(model, **OPT)
+        for batch in data(world, steps):
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[f"loi{int(loi)}"] = {"points": points(model)}
+        if spec.get("save_reference"):
+            rz.save_adapter(model, Path(spec["out"]) / f"reference_loi{int(loi)}_adapter")
+    return out
+
+
+def _ds_config(stage: int, gas: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": PER_RANK // gas,
+        "gradient_accumulation_steps": gas,
+        # persistence 0: even tiny weights are partitioned (else ZeRO-3 keeps them whole)
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _loi(model, world: int, rank: int) -> None:
+    """LOI on this rank's share of the calibration batches, sketches summed over ranks."""
+    import riemann_zero as rz
+    from riemann_zero.distributed import sketch_reduce
+
+    batches = [b[rank * PER_RANK:(rank + 1) * PER_RANK] for b in calibration(world)]
+    rz.loi_init(model, [{"input_ids": b, "labels": b} for b in batches], reduce=sketch_reduce())
+
+
+def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
+    import torch.distributed as dist
+
+    import riemann_zero as rz
+
+    world, steps, engine, gas = spec["world"], spec["steps"], case["engine"], case.get("gas", 1)
+    loi = bool(case.get("loi", False))
+    micro = PER_RANK // gas
+    model = build(spec["r"])
+    # LOI before deepspeed.initialize (LOI's own backward passes would run through ZeRO's
+    # gradient hooks); under FSDP2 it runs on the sharded model (partitioned base shift).
+    if loi and engine.startswith("zero"):
+        _loi(model, world, rank)
+    if engine.startswith("zero"):
+        import deepspeed
+
+        opt = rz.Riemannion(model, **OPT)
+        eng, opt, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                              config=_ds_config(int(engine[-1]), gas))
+        inner = opt.optimizer if hasattr(opt, "optimizer") else opt
+    elif engine == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        from riemann_zero.distributed import fsdp_placement
+
+        place = fsdp_placement(model)
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, shard_placement_fn=place)
+        fully_shard(model, shard_placement_fn=place)
+        if loi:
+            _loi(model, world, rank)
+        inner = opt = rz.Riemannion(model, **OPT)
+    else:
+        raise ValueError(f"unknown engine {engine!r}")
+    comm = []
+    for batch in data(world, steps):
+        mine = batch[rank * PER_RANK:(rank + 1) * PER_RANK]
+        for j in range(gas):
+            mb = mine[j * micro:(j + 1) * micro]
+            if engine.startswith("zero"):
+                eng.backward(eng(input_ids=mb, labels=mb).loss)
+                eng.step()
+            else:
+                (model(input_ids=mb, labels=mb).loss / gas).backward()
+        if engine == "fsdp2":
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        comm.append(dict(inner.last_step_comm))
+    target = eng.module if engine.startswith("zero") else model
+    result = {"points": points(target), "comm": comm, "layout": type(inner.shards).__name__}
+    if case.get("save"):
+        rz.save_adapter(target, out / f"{case['name']}_adapter")
+    if rank == 0:
+        torch.save(result, out / f"{case['name']}.pt")
+    dist.barrier()
+
+
+def _rank_main(rank: int, spec: dict, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec["world"]),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    if any(c["engine"].startswith("zero") for c in spec["cases"]):
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=spec["world"])
+    try:
+        for case in spec["cases"]:
+            run_case(case, spec, rank, Path(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> None:
+    spec = json.loads(Path(argv[0]).read_text())
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    if "--reference" in argv:
+        torch.save(reference(spec), out / "reference.pt")
+        return
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(spec, spec["port"], str(out)), nprocs=spec["world"], join=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
