@@ -7,8 +7,11 @@ from .loi import loi_init
 from .manifold_optimizer import ManifoldOptimizer
 from .riemannion import Riemannion
 from .riemannlora import RiemannAdam, RiemannSGD
+from .stella import StelLA, stella_init
 
 __all__ = [
+    "StelLA",
+    "stella_init",
     "Adapter",
     "ManifoldOptimizer",
     "RiemannAdam",

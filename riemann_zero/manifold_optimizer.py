@@ -76,7 +76,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         self.adapters: dict[str, Adapter] = {ad.name: ad for ad in adapters}
         self.adapter_state: dict[str, dict] = defaultdict(dict)
         self.shards = None  # resolved at the first step, once an engine has laid out the params
-        # One batched call per shape (default); False runs a per-adapter loop (benchmarks, debugging).
+        # One batched call per shape (default); False: a per-adapter loop (benchmarks, debugging).
         self.batch_by_shape = True
         self.last_step_comm: dict[str, int] = {}
         self.comm_total: Counter[str] = Counter()
@@ -144,8 +144,8 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
             shards.write(ad, st, b_new[i, : rows_m[i]], at_new[i, : rows_n[i]])
 
     @abc.abstractmethod
-    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor, states: list[dict],
-                shards) -> geo.Point:
+    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
+                states: list[dict], shards) -> geo.Point:
         """The algorithm on one batch of same-shaped adapters; returns the new point."""
 
     # ------------------------------------------------------------------- per-adapter state
@@ -207,7 +207,8 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         adapter_state = state_dict.pop("adapter_state", {})
         unknown = set(adapter_state) - set(self.adapters)
         if unknown:
-            raise ValueError(f"optimizer state names adapters this model lacks: {sorted(unknown)[:5]}")
+            raise ValueError(
+                f"optimizer state names adapters this model lacks: {sorted(unknown)[:5]}")
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype; the AdamW moments of bf16
         # parameters are fp32 and must come back bit-exact (resume = identical next step).
