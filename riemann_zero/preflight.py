@@ -1,0 +1,204 @@
+"""Preflight: every check that can fail without weights, run on each rank before heavy work.
+
+Data files and dataset names, the batch layout against the world size, engine/optimizer pairs,
+target modules and the rank against the model's layers (the model is built on the meta device
+from its ``config.json``), and whether ``output_dir`` already holds a run (same recipe: resume;
+another recipe: refuse). Each failure is one :class:`~riemann_zero.recipe.RecipeError` naming
+the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from riemann_zero.recipe import RUN_NEUTRAL_KEYS, Recipe, RecipeError, recipe_to_dict
+
+__all__ = ["Plan", "preflight", "resolve_model_path"]
+
+_DS_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+             "gradient_clipping")
+
+
+@dataclass
+class Plan:
+    """What :func:`preflight` resolved: where the model is, the batch layout, where to resume."""
+
+    model_path: str
+    model_config: Any
+    grad_accum: int
+    global_batch: int
+    resume_from: Path | None
+    finished: bool
+    linear_shapes: dict[str, tuple[int, int]]
+
+
+def resolve_model_path(name: str) -> str:
+    """``asset:smollm2[:LAYERS]`` → the cached local copy; anything else is returned unchanged."""
+    if not name.startswith("asset:"):
+        return name
+    parts = name.split(":")
+    if parts[1] != "smollm2" or len(parts) > 3:
+        raise RecipeError(f"model.name_or_path {name!r}: the only asset model is "
+                          f"'asset:smollm2' or 'asset:smollm2:LAYERS' (e.g. asset:smollm2:4)")
+    from riemann_zero import assets
+
+    layers = int(parts[2]) if len(parts) == 3 else None
+    return str(assets.smollm2(layers=layers))
+
+
+def _check_dataset(key: str, spec: str | None) -> None:
+    from riemann_zero.data import DATASETS, HUB_DATASETS
+
+    if spec is None or spec in DATASETS or spec in HUB_DATASETS:
+        return
+    if spec.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) or "/" in spec:
+        if not Path(spec).is_file():
+            raise RecipeError(f"{key}: data file {spec!r} does not exist (relative paths resolve "
+                              f"against {Path.cwd()})")
+        return
+    hint = difflib.get_close_matches(spec, list(DATASETS) + list(HUB_DATASETS), n=1)
+    extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise RecipeError(f"{key} must be one of {list(DATASETS) + list(HUB_DATASETS)} or a local "
+                      f".json/.jsonl file, but got {spec!r}{extra}")
+
+
+def _linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
+    """Names and (out, in) shapes of the Linear layers of the model, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def _check_targets(rc: Recipe, shapes: dict[str, tuple[int, int]], arch: str) -> None:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in shapes})
+    for target in rc.lora.target_modules:
+        hits = [n for n in shapes if n == target or n.endswith("." + target)]
+        if not hits:
+            hint = difflib.get_close_matches(target, leaves, n=1)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise RecipeError(f"lora.target_modules: {target!r} matches no Linear layer of "
+                              f"{arch}{extra} Linear layer names: {leaves}")
+        for name in hits:
+            m, n = shapes[name]
+            if rc.lora.r >= min(m, n):
+                raise RecipeError(f"lora.r={rc.lora.r} does not fit {name} ({m}x{n}): a rank-r "
+                                  f"adapter needs r < min(out, in) = {min(m, n)}; lower lora.r "
+                                  f"or drop {target!r} from lora.target_modules")
+
+
+def _check_output_dir(rc: Recipe) -> tuple[Path | None, bool]:
+    from riemann_zero.checkpoint import latest_checkpoint
+
+    out = Path(rc.output_dir)
+    run_json = out / "run.json"
+    if not run_json.is_file():
+        if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
+            raise RecipeError(f"output_dir {str(out)!r} holds training files but no run.json; "
+                              f"choose another output_dir or delete it")
+        return None, False
+    old = json.loads(run_json.read_text())
+    if rc.resume == "never":
+        raise RecipeError(f"output_dir {str(out)!r} already holds a run; pass resume=auto to "
+                          f"continue it or choose another output_dir")
+    diffs = _recipe_diff(old.get("recipe", {}), recipe_to_dict(rc))
+    if diffs:
+        shown = "; ".join(f"{k}: {a!r} there vs {b!r} here" for k, a, b in diffs[:5])
+        raise RecipeError(f"output_dir {str(out)!r} holds another run (recipe differs: {shown}); "
+                          f"choose another output_dir or delete that one")
+    if old.get("status") == "finished":
+        return None, True
+    if rc.resume == "auto":
+        return latest_checkpoint(out / "checkpoints"), False
+    return Path(rc.resume), False
+
+
+def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        dotted = f"{prefix}{key}"
+        if dotted in RUN_NEUTRAL_KEYS:
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            diffs += _recipe_diff(va, vb, dotted + ".")
+        elif va != vb:
+            diffs.append((dotted, va, vb))
+    return diffs
+
+
+def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> Plan:
+    """Check a recipe against the data, the model's architecture and the output directory.
+
+    Reads at most the model's ``config.json`` (the model itself is built on the meta device).
+
+    Args:
+        rc: the recipe.
+        world_size: number of data-parallel processes (fixes the gradient accumulation).
+        model_config: a ``transformers`` config to use instead of reading ``model.name_or_path``
+            (tests validate the Llama-3-8B recipes on a tiny same-architecture config).
+
+    Raises:
+        RecipeError: the first problem found, naming the key and the fix.
+    """
+    for key in _DS_OWNED:
+        if key in rc.deepspeed and rc.deepspeed[key] != "auto":
+            raise RecipeError(f"deepspeed.{key} is derived from the train section; remove it or "
+                              f"set it to auto (train.micro_batch_size, "
+                              f"train.gradient_accumulation_steps, train.global_batch_size, "
+                              f"train.gradient_clipping)")
+    zero = rc.deepspeed.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (0, 1, 2, 3):
+        raise RecipeError(f"deepspeed.zero_optimization.stage must be 0..3, but got {stage}")
+    if rc.optimizer.name in ("muon", "rprec_adamw") and (stage > 0 or rc.engine == "fsdp2"):
+        raise RecipeError(f"optimizer {rc.optimizer.name!r} needs the model's 2-D LoRA weights "
+                          f"and their grads, which ZeRO-{stage}/FSDP2 flatten or shard; use "
+                          f"engine=deepspeed with deepspeed.zero_optimization.stage=0")
+    if rc.optimizer.name == "rprec_adamw" and rc.deepspeed.get("bf16", {}).get("enabled"):
+        raise RecipeError("optimizer 'rprec_adamw' preconditions the model's own LoRA grads, which "
+                          "DeepSpeed's bf16 wrapper replaces by fp32 master copies; set "
+                          "deepspeed.bf16.enabled=false")
+    _check_dataset("data.train", rc.data.train)
+    _check_dataset("data.eval", rc.data.eval)
+    if rc.data.eval_split == "holdout" and rc.data.eval not in (None, rc.data.train):
+        raise RecipeError("data.eval_split=holdout holds examples out of data.train; leave "
+                          "data.eval unset (or equal to data.train)")
+
+    mb, gas, gbs = (rc.train.micro_batch_size, rc.train.gradient_accumulation_steps,
+                    rc.train.global_batch_size)
+    if gbs is not None:
+        derived, rest = divmod(gbs, mb * world_size)
+        if rest or derived == 0:
+            raise RecipeError(f"train.global_batch_size={gbs} is not a multiple of "
+                              f"train.micro_batch_size={mb} x world size {world_size}; change "
+                              f"one of them")
+        if gas is not None and gas != derived:
+            raise RecipeError(f"train.gradient_accumulation_steps={gas} contradicts "
+                              f"train.global_batch_size={gbs} = {mb} x {derived} x {world_size}; "
+                              f"set only one of them")
+        gas = derived
+    gas = gas or 1
+
+    path = resolve_model_path(rc.model.name_or_path)
+    if model_config is None:
+        from transformers import AutoConfig
+
+        try:
+            model_config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise RecipeError(f"model.name_or_path: cannot read the config of {path!r} ({err}); "
+                              f"give a local model directory or a reachable hub id") from None
+    shapes = _linear_shapes(model_config)
+    _check_targets(rc, shapes, type(model_config).__name__)
+    resume_from, finished = _check_output_dir(rc)
+    return Plan(model_path=path, model_config=model_config, grad_accum=gas,
+                global_batch=mb * gas * world_size, resume_from=resume_from, finished=finished,
+                linear_shapes=shapes)

@@ -1,0 +1,395 @@
+"""Training recipes: a typed schema, YAML loading, dotted ``key=value`` overrides, early validation.
+
+A recipe is one YAML file whose keys mirror the dataclasses below (PEFT's own names for the LoRA
+block, the DeepSpeed config nested verbatim under ``deepspeed:``). Every key has a default, so a
+recipe only states what differs. Unknown keys fail with a did-you-mean suggestion; values are
+coerced to the field's type (``max_steps=3`` is an int, ``lora.target_modules=q_proj,v_proj`` a
+list). Checks that need no weights (files exist, target modules exist, rank fits) live in
+``riemann_zero.preflight``; this module only knows about the recipe itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ModelConfig",
+    "LoraSection",
+    "InitConfig",
+    "DataConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "EvalAfterConfig",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "apply_overrides",
+    "recipe_to_dict",
+    "OPTIMIZERS",
+    "MANIFOLD_OPTIMIZERS",
+    "RUN_NEUTRAL_KEYS",
+]
+
+MANIFOLD_OPTIMIZERS = ("riemannion", "riemann_sgd", "riemann_adam")
+OPTIMIZERS = MANIFOLD_OPTIMIZERS + ("adamw", "muon", "rprec_adamw")
+INIT_METHODS = ("loi", "zero", "random", "peft")
+SCHEDULES = ("linear", "cosine", "constant")
+ENGINES = ("deepspeed", "fsdp2")
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the key and what would be valid."""
+
+
+@dataclass
+class ModelConfig:
+    """Base model. ``name_or_path``: hub id, local directory, or ``asset:smollm2[:LAYERS]``."""
+
+    name_or_path: str = "asset:smollm2"
+    dtype: str = "auto"  # auto: bfloat16 if deepspeed.bf16.enabled else float32
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraSection:
+    """PEFT ``LoraConfig`` fields (same names); manifold optimizers read ``r`` as the rank."""
+
+    r: int = 16
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                 "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class InitConfig:
+    """Adapter initialisation: ``loi`` (Theorem 5.1), ``zero``/``random`` (manifold), ``peft``."""
+
+    method: str = "loi"
+    p: int = 16  # LOI oversampling
+    q: int = 1  # LOI power steps
+    alpha: float | None = None  # LOI scale; None = -0.01/sqrt(r), the paper's LLM setting
+    batches: int = 4  # calibration micro-batches (the first ones of the shuffled train set)
+
+
+@dataclass
+class DataConfig:
+    """Datasets as understood by ``riemann_zero.data.load_examples``."""
+
+    train: str = "commonsense"
+    train_limit: int | None = None
+    eval: str | None = None  # None: the train dataset
+    eval_split: str = "eval"  # "eval" (commonsense test sets) or "holdout" (kept out of train)
+    eval_limit: int = 64  # 0: no eval loss
+    template: str = "chat"
+    max_length: int = 256
+    packing: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """Optimizer and its hyper-parameters; keys a given optimizer does not use are ignored."""
+
+    name: str = "riemannion"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # Riemannion, RiemannSGD, Muon
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    reg: float = 0.01  # rprec_adamw damping
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule applied to every ``param_groups[i]["lr"]``."""
+
+    type: str = "linear"
+    warmup_ratio: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_ratio when set
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings. The global batch is micro_batch_size x grad. accumulation x world size."""
+
+    epochs: float = 1.0
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int | None = None  # None: from global_batch_size (or 1)
+    global_batch_size: int | None = None
+    gradient_clipping: float = 1.0  # 0 disables
+    eval_every: int = 0  # optimizer steps; 0 = only at the end
+    save_every: int = 0  # optimizer steps; 0 = no intermediate checkpoints
+    keep_last: int = 2
+    log_every: int = 1
+
+
+@dataclass
+class EvalAfterConfig:
+    """Benchmark stage run on rank 0 after training (``python -m eval RUN_DIR ...``)."""
+
+    suite: str | None = None
+    limit: int = 50
+    tasks: list[str] | None = None  # a subset of the suite's lm-eval tasks (None: all)
+
+
+@dataclass
+class Recipe:
+    """A full training recipe."""
+
+    output_dir: str = "runs/default"
+    max_steps: int | None = None  # caps (and, when set, defines) the number of optimizer steps
+    seed: int = 0
+    resume: str = "auto"  # auto | never | PATH of a checkpoint directory
+    stop_after: int | None = None  # simulate a crash right after this step (tests of resume)
+    engine: str = "deepspeed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_after: EvalAfterConfig = field(default_factory=EvalAfterConfig)
+    deepspeed: dict[str, Any] = field(
+        default_factory=lambda: {"zero_optimization": {"stage": 0}})
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+
+# Keys that do not change what a run computes: a run directory may be resumed with other values.
+RUN_NEUTRAL_KEYS = ("output_dir", "resume", "stop_after", "eval_after", "train.log_every")
+
+
+def _choices(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        hint = difflib.get_close_matches(str(value), allowed, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise RecipeError(f"{key} must be one of {list(allowed)}, but got {value!r}{extra}")
+
+
+def _positive(key: str, value: float | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise RecipeError(f"{key} must be {bound}, but got {value!r}")
+
+
+def _check_values(rc: Recipe) -> None:
+    _choices("engine", rc.engine, ENGINES)
+    _choices("model.dtype", rc.model.dtype, DTYPES)
+    _choices("init.method", rc.init.method, INIT_METHODS)
+    _choices("optimizer.name", rc.optimizer.name, OPTIMIZERS)
+    _choices("schedule.type", rc.schedule.type, SCHEDULES)
+    _choices("data.template", rc.data.template, ("chat", "alpaca"))
+    _choices("data.eval_split", rc.data.eval_split, ("eval", "holdout"))
+    for key, value in [("lora.r", rc.lora.r), ("optimizer.lr", rc.optimizer.lr),
+                       ("train.micro_batch_size", rc.train.micro_batch_size),
+                       ("train.epochs", rc.train.epochs), ("max_steps", rc.max_steps),
+                       ("train.keep_last", rc.train.keep_last), ("data.max_length",
+                       rc.data.max_length), ("stop_after", rc.stop_after),
+                       ("train.global_batch_size", rc.train.global_batch_size),
+                       ("train.gradient_accumulation_steps", rc.train.gradient_accumulation_steps),
+                       ("init.batches", rc.init.batches), ("train.log_every", rc.train.log_every)]:
+        _positive(key, value)
+    for key, value in [("optimizer.weight_decay", rc.optimizer.weight_decay),
+                       ("train.gradient_clipping", rc.train.gradient_clipping),
+                       ("train.eval_every", rc.train.eval_every),
+                       ("train.save_every", rc.train.save_every),
+                       ("schedule.warmup_steps", rc.schedule.warmup_steps),
+                       ("init.p", rc.init.p), ("init.q", rc.init.q)]:
+        _positive(key, value, allow_zero=True)
+    if not 0.0 <= rc.schedule.warmup_ratio < 1.0:
+        raise RecipeError(f"schedule.warmup_ratio must be in [0, 1), but got "
+                          f"{rc.schedule.warmup_ratio!r}")
+    if not 0.0 <= rc.lora.lora_dropout < 1.0:
+        raise RecipeError(f"lora.lora_dropout must be in [0, 1), but got {rc.lora.lora_dropout!r}")
+    if not rc.lora.target_modules:
+        raise RecipeError("lora.target_modules is empty; name at least one module, e.g. [q_proj]")
+    if len(rc.optimizer.betas) != 2:
+        raise RecipeError(f"optimizer.betas needs two numbers, but got {rc.optimizer.betas!r}")
+    if rc.init.method == "loi" and rc.optimizer.name not in MANIFOLD_OPTIMIZERS:
+        raise RecipeError(
+            f"init.method=loi needs a manifold optimizer ({', '.join(MANIFOLD_OPTIMIZERS)}), but "
+            f"optimizer.name is {rc.optimizer.name!r}; use init.method=peft for the baselines")
+    if rc.init.method in ("zero", "random") and rc.optimizer.name not in MANIFOLD_OPTIMIZERS:
+        raise RecipeError(
+            f"init.method={rc.init.method} builds the manifold layout, which "
+            f"{rc.optimizer.name!r} does not understand; use init.method=peft")
+    if rc.init.method == "peft" and rc.optimizer.name in MANIFOLD_OPTIMIZERS:
+        raise RecipeError(
+            f"optimizer {rc.optimizer.name!r} needs the manifold layout; set init.method to one "
+            f"of loi, zero, random (got peft)")
+    if rc.resume not in ("auto", "never") and not Path(rc.resume).is_dir():
+        raise RecipeError(f"resume must be 'auto', 'never' or an existing checkpoint directory, "
+                          f"but got {rc.resume!r}")
+    if not isinstance(rc.deepspeed, dict):
+        raise RecipeError(f"deepspeed must be a mapping (a DeepSpeed config), but got "
+                          f"{type(rc.deepspeed).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type coercion and did-you-mean.
+
+
+def _unknown_key(path: str, key: str, known: list[str]) -> RecipeError:
+    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    where = f"{path}.{key}" if path else key
+    extra = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
+    return RecipeError(f"unknown recipe key {where!r}{extra} Valid keys here: {sorted(known)}")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to the annotated type ``tp``."""
+    base, optional = _strip_optional(tp)
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+        if optional:
+            return None
+        raise RecipeError(f"{key} cannot be null (expected {getattr(base, '__name__', base)})")
+    origin = typing.get_origin(base)
+    if origin is list:
+        (item,) = typing.get_args(base)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key} must be a list, but got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or base is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key} must be a mapping, but got {value!r}")
+        return value
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise RecipeError(f"{key} must be true or false, but got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise RecipeError(f"{key} must be an integer, but got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{key} must be an integer, but got {value!r}") from None
+        if as_float != int(as_float):
+            raise RecipeError(f"{key} must be an integer, but got {value!r}")
+        return int(as_float)
+    if base is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{key} must be a number, but got {value!r}") from None
+    if base is str:
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path or 'recipe'} must be a mapping, but got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(path, str(key), list(fields))
+        sub = f"{path}.{key}" if path else key
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, sub)
+        else:
+            kwargs[key] = _coerce(sub, value, tp)
+    return cls(**kwargs)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as plain data (what ``run.json`` stores)."""
+    return dataclasses.asdict(recipe)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
+    """Set ``data[a][b]...`` from ``a.b...=raw``, checking keys against the schema."""
+    parts = dotted.split(".")
+    cls: Any = Recipe
+    node = data
+    for i, part in enumerate(parts):
+        prefix = ".".join(parts[:i])
+        if cls is None:  # inside a free mapping (the deepspeed block): any key, YAML value
+            if i == len(parts) - 1:
+                node[part] = yaml.safe_load(raw) if raw != "" else ""
+            else:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            continue
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            raise _unknown_key(prefix, part, names)
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise RecipeError(f"{dotted} is a section; set one of its keys, e.g. "
+                                  f"{dotted}.{dataclasses.fields(tp)[0].name}=...")
+            parsed = yaml.safe_load(raw) if raw.strip() else raw
+            node[part] = parsed if not isinstance(parsed, str) else raw
+            return
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        cls = tp if dataclasses.is_dataclass(tp) else None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` strings to a recipe dict (before it is turned into a Recipe)."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form dotted.key=value, "
+                              f"e.g. max_steps=3 or optimizer.lr=2e-4")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), raw.strip())
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides.
+
+    Raises:
+        RecipeError: missing file, unknown key (with a suggestion), or a value of the wrong type.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist; recipes live in "
+                              f"recipes/*.yaml")
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path} must hold a YAML mapping at top level, but got "
+                              f"{type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    return _build(Recipe, data)
+

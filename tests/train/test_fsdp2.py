@@ -1,0 +1,70 @@
+"""The FSDP2 path: torchrun, 2 CPU processes, fully_shard per decoder layer, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = [
+    pytest.param("smollm2_commonsense_adamw.yaml", id="adamw"),
+    # Known gap: under FSDP2 the Riemannion state does not round-trip through
+    # torch.distributed.checkpoint (the steps up to the checkpoint match, the second step after
+    # it differs by ~2e-3 relative); under DeepSpeed it does (test_resume.py).
+    pytest.param("smollm2_commonsense.yaml", id="riemannion_loi", marks=pytest.mark.xfail(
+        reason="Riemannion optimizer state under FSDP2 checkpoints is not exact yet")),
+]
+COMMON = ["engine=fsdp2", "model.name_or_path=asset:smollm2:4", "max_steps=4",
+          "data.train=commonsense:ARC-Easy", "data.train_limit=64", "data.eval_limit=4",
+          "data.max_length=64", "lora.target_modules=q_proj,v_proj", "train.micro_batch_size=2",
+          "train.gradient_accumulation_steps=2", "train.save_every=2", "eval_after.suite=null",
+          "init.p=4", "init.batches=2"]
+
+
+def _torchrun(recipe: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(port), "-m", "riemann_zero.train", str(REPO / "recipes" / recipe),
+           *COMMON,
+           f"output_dir={out}", *extra]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fsdp2_torchrun_trains_saves_and_resumes(tmp_path, recipe):
+    full = _torchrun(recipe, tmp_path / "full")
+    assert full.returncode == 0, (full.stdout + full.stderr)[-4000:]
+    assert (tmp_path / "full" / "adapter" / "adapter_model.safetensors").is_file()
+    cut = tmp_path / "cut"
+    first = _torchrun(recipe, cut, "stop_after=3")
+    assert first.returncode != 0  # stopped on purpose after the step-2 checkpoint
+    second = _torchrun(recipe, cut)
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    assert _losses(cut) == _losses(tmp_path / "full")
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "full" / "adapter"
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.numel() > 0 for p in lora_b)
+    assert any(float(p.abs().max()) > 0 for p in lora_b)  # trained, not the zero init

@@ -1,0 +1,121 @@
+"""Recipes parse, validate and fail early: the schema, overrides, and every shipped recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from riemann_zero.preflight import preflight
+from riemann_zero.recipe import RecipeError, load_recipe, recipe_to_dict
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
+
+# Meta-Llama-3-8B's architecture (its config.json values), built only on the meta device.
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256,
+                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def llama3_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**LLAMA3_8B)
+
+
+def test_recipes_exist_with_launch_line_and_twins():
+    names = {p.stem for p in RECIPES}
+    for task in ("commonsense", "math", "code"):
+        for model in ("llama3", "smollm2"):
+            assert f"{model}_{task}" in names and f"{model}_{task}_adamw" in names
+    for path in RECIPES:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and f"recipes/{path.name}" in first, path.name
+        assert "launch/run.sh" in first
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_validates(path, tmp_path):
+    """Typos fail in CI, not on a cluster: Llama-3-8B recipes are checked against the real
+    architecture on the meta device (no hub), SmolLM2 ones against the local asset's config."""
+    recipe = load_recipe(path, [f"output_dir={tmp_path / 'run'}"])
+    world = 8 if path.stem.startswith("llama3") else 2
+    config = llama3_config() if path.stem.startswith("llama3") else None
+    plan = preflight(recipe, world_size=world, model_config=config)
+    assert plan.grad_accum >= 1
+    if path.stem.startswith("llama3"):
+        assert recipe.model.name_or_path == "meta-llama/Meta-Llama-3-8B"
+        assert plan.global_batch == (64 if "commonsense" in path.stem else 128)
+        assert recipe.lora.lora_dropout == 0.05
+        stage = recipe.deepspeed["zero_optimization"]["stage"]
+        assert stage in ((2, 3) if recipe.optimizer.name in ("riemannion", "adamw") else (0,))
+    if path.stem == "llama3_commonsense":  # the paper's Table 4/6 settings, exactly
+        o = recipe.optimizer
+        assert (o.name, o.lr, o.weight_decay, o.momentum) == ("riemannion", 1e-4, 0.00316, 0.9)
+        assert (recipe.schedule.type, recipe.schedule.warmup_ratio) == ("linear", 0.1)
+        assert (recipe.lora.r, recipe.train.epochs) == (16, 2)
+        assert (recipe.init.method, recipe.init.p, recipe.init.q) == ("loi", 16, 1)
+    if path.stem == "llama3_commonsense_adamw":
+        assert (recipe.optimizer.lr, recipe.optimizer.weight_decay) == (2e-4, 0.01)
+
+
+def test_overrides_coerce_types():
+    r = load_recipe(None, ["max_steps=3", "output_dir=/tmp/x", "optimizer.lr=2e-4",
+                           "lora.target_modules=q_proj,v_proj", "model.gradient_checkpointing=true",
+                           "deepspeed.zero_optimization.stage=2", "init.alpha=null",
+                           "deepspeed.bf16.enabled=true"])
+    assert r.max_steps == 3 and isinstance(r.max_steps, int)
+    assert r.optimizer.lr == 2e-4 and r.output_dir == "/tmp/x"
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+    assert r.model.gradient_checkpointing is True and r.init.alpha is None
+    assert r.deepspeed == {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+
+
+def test_override_beats_yaml(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("max_steps: 100\noptimizer: {name: adamw, lr: 0.1}\ninit: {method: peft}\n")
+    r = load_recipe(path, ["optimizer.lr=0.5"])
+    assert (r.max_steps, r.optimizer.lr, r.optimizer.name) == (100, 0.5, "adamw")
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optimzer.lr=1", "did you mean 'optimizer'"),
+    ("lora.lora_alfa=3", "did you mean 'lora.lora_alpha'"),
+    ("train.micro_batch=2", "did you mean 'train.micro_batch_size'"),
+    ("max_steps=abc", "max_steps must be an integer, but got 'abc'"),
+    ("optimizer.name=riemanion", "did you mean 'riemannion'"),
+    ("schedule.warmup_ratio=1.5", "warmup_ratio must be in [0, 1)"),
+    ("lora", "not of the form dotted.key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, [override])
+    assert needle in str(err.value)
+
+
+def test_unknown_yaml_key_suggests(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("trian:\n  epochs: 2\n")
+    with pytest.raises(RecipeError, match="did you mean 'train'"):
+        load_recipe(path)
+
+
+def test_baseline_and_init_must_match():
+    with pytest.raises(RecipeError, match="init.method=loi needs a manifold optimizer"):
+        load_recipe(None, ["optimizer.name=adamw"])
+    with pytest.raises(RecipeError, match="needs the manifold layout"):
+        load_recipe(None, ["init.method=peft"])
+
+
+def test_resolved_recipe_replays(tmp_path):
+    """run.json's resolved recipe, written back as YAML, loads to the identical recipe."""
+    import yaml
+
+    r = load_recipe(REPO / "recipes" / "llama3_commonsense.yaml", ["max_steps=7"])
+    data = recipe_to_dict(r)
+    json.dumps(data)  # run.json stores it
+    path = tmp_path / "replay.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_recipe(path) == r

@@ -1,0 +1,71 @@
+"""Kill a run right after a checkpoint, resume=auto: the loss trajectory equals an uninterrupted
+run's exactly (model state with LOI buffers, optimizer, scheduler, RNG streams, data position)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from riemann_zero.train import STOP_EXIT_CODE
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = str(REPO / "recipes" / "smollm2_commonsense.yaml")
+
+# 4-layer real SmolLM2, real ARC-Easy data; dropout on so the RNG state matters.
+COMMON = ["model.name_or_path=asset:smollm2:4", "data.train=commonsense:ARC-Easy",
+          "data.train_limit=48", "data.eval_limit=4", "data.max_length=64", "lora.r=4",
+          "lora.lora_dropout=0.1", "lora.target_modules=q_proj,v_proj",
+          "train.micro_batch_size=2", "train.gradient_accumulation_steps=2",
+          "train.save_every=3", "train.eval_every=3", "max_steps=6",
+          "schedule.warmup_steps=2", "deepspeed.zero_optimization.stage=0",
+          "eval_after.suite=null"]
+VARIANTS = {
+    "riemannion_loi": ["optimizer.name=riemannion", "optimizer.lr=1e-3", "init.method=loi",
+                       "init.p=4", "init.batches=1"],
+    "adamw": ["optimizer.name=adamw", "optimizer.lr=1e-3", "init.method=peft"],
+}
+
+
+def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, "-m", "riemann_zero.train", RECIPE, *COMMON,
+                           f"output_dir={out}", *extra], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _losses(out: Path) -> dict[tuple[str, int], float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {("eval" if "eval_loss" in r else "train", r["step"]): r.get("eval_loss", r.get("loss"))
+            for r in rows}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, variant):
+    opts = VARIANTS[variant]
+    full = _train(tmp_path / "full", *opts)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    cut = tmp_path / "cut"
+    first = _train(cut, *opts, "stop_after=4")  # dies after step 4: the last checkpoint is 3
+    assert first.returncode == STOP_EXIT_CODE, first.stderr[-3000:]
+    assert not (cut / "adapter").exists()
+    assert [p.name for p in (cut / "checkpoints").glob("step-*")] == ["step-00000003"]
+    second = _train(cut, *opts)  # resume=auto is the default
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+
+    expected, got = _losses(tmp_path / "full"), _losses(cut)
+    assert sorted(got) == sorted(expected)
+    # Same process layout and thread count, so the arithmetic is bit-identical: compare exactly.
+    for key in sorted(expected):
+        assert got[key] == expected[key], f"{key}: resumed {got[key]} vs full {expected[key]}"
+    run = json.loads((cut / "run.json").read_text())
+    assert run["status"] == "finished" and run["steps"] == 6
+    assert (cut / "adapter" / "adapter_model.safetensors").is_file()
