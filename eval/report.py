@@ -10,7 +10,8 @@ from eval import suites
 __all__ = ["PUBLISHED", "table_rows", "write", "markdown", "chart"]
 
 # Llama-3-8B, LLM-Adapters generative protocol (b), accuracy %, in COMMONSENSE_TASKS order:
-# BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (shared/REFERENCES.md §1.1-3).
+# BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (arXiv 2507.12142 v2 Table 1,
+# arXiv 2510.01938 Table 1, NVlabs/DoRA README).
 PUBLISHED: dict[str, list[float]] = {
     "Raw, no FT [Riemannion T1; ARC values flagged (?)]":
         [65.0, 76.6, 73.0, 66.1, 61.3, 92.5, 82.3, 79.6],

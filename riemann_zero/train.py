@@ -250,6 +250,9 @@ def run_eval_stage(recipe: Recipe) -> None:
         cmd += ["--tasks", ",".join(recipe.eval_after.tasks)]
     print("[riemann_zero] " + " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=str(REPO), env=env, check=True)
+    table = Path(recipe.output_dir).resolve() / "eval" / "results.md"
+    if table.is_file():  # the before/after table, where the user is looking
+        print("\n" + table.read_text(), flush=True)
 
 
 def cli(argv: list[str] | None = None) -> int:

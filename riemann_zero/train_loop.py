@@ -119,9 +119,16 @@ class FSDP2Engine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        # torch.distributed.checkpoint keeps only torch.optim's state/param_groups: the manifold
+        # optimizers' per-adapter state (momentum, fp32 masters; this rank's rows) goes beside it.
+        manifold = hasattr(self.optimizer, "adapter_state_dict")
+        per_rank = f"adapter_state_rank{dist.get_rank()}.pt"
+
         def write(directory: Path) -> None:
             msd, osd = get_state_dict(self.module, self.optimizer)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
+            if manifold:
+                torch.save(self.optimizer.adapter_state_dict(), directory / per_rank)
             if dist.get_rank() == 0:
                 torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
 
@@ -131,6 +138,8 @@ class FSDP2Engine:
             dcp.load(state, checkpoint_id=str(directory))
             set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
+            if manifold:  # after set_state_dict, which resets it
+                self.optimizer.load_adapter_state_dict(torch.load(directory / per_rank))
 
             self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
 
