@@ -158,7 +158,8 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> P
     stage = int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise RecipeError(f"deepspeed.zero_optimization.stage must be 0..3, but got {stage}")
-    if rc.optimizer.name in ("muon", "rprec_adamw") and (stage > 0 or rc.engine == "fsdp2"):
+    if rc.optimizer.name in ("muon", "rprec_adamw", "stella") and (
+            stage > 0 or rc.engine == "fsdp2"):
         raise RecipeError(f"optimizer {rc.optimizer.name!r} needs the model's 2-D LoRA weights "
                           f"and their grads, which ZeRO-{stage}/FSDP2 flatten or shard; use "
                           f"engine=deepspeed with deepspeed.zero_optimization.stage=0")

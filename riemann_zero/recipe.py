@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 MANIFOLD_OPTIMIZERS = ("riemannion", "riemann_sgd", "riemann_adam")
-OPTIMIZERS = MANIFOLD_OPTIMIZERS + ("adamw", "muon", "rprec_adamw")
+OPTIMIZERS = MANIFOLD_OPTIMIZERS + ("adamw", "muon", "rprec_adamw", "stella")
 INIT_METHODS = ("loi", "zero", "random", "peft")
 SCHEDULES = ("linear", "cosine", "constant")
 ENGINES = ("deepspeed", "fsdp2")

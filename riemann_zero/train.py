@@ -131,7 +131,12 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
     if recipe.init.method == "peft":
         from peft import get_peft_model
 
-        return get_peft_model(base, config)
+        model = get_peft_model(base, config)
+        if recipe.optimizer.name == "stella":  # U S Vᵀ with orthonormal U, V (StelLA's default)
+            from riemann_zero.stella import stella_init
+
+            stella_init(model, seed=recipe.seed)
+        return model
     import riemann_zero as rz
 
     init = "random" if recipe.init.method == "random" else "zero"
@@ -145,6 +150,11 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
 def build_optimizer(recipe: Recipe, model: Any) -> Any:
     """The recipe's optimizer on the (PEFT) model."""
     oc = recipe.optimizer
+    if oc.name == "stella":
+        from riemann_zero.stella import StelLA
+
+        return StelLA(model, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+                      weight_decay=oc.weight_decay)
     if oc.name in ("adamw", "muon", "rprec_adamw"):
         from riemann_zero.baselines import build_baseline_optimizer
 

@@ -28,6 +28,8 @@ VARIANTS = {
     "riemannion_loi": ["optimizer.name=riemannion", "optimizer.lr=1e-3", "init.method=loi",
                        "init.p=4", "init.batches=1"],
     "adamw": ["optimizer.name=adamw", "optimizer.lr=1e-3", "init.method=peft"],
+    # StelLA keeps fp32 U, S, V masters in its state and rewrites lora_A/lora_B from them.
+    "stella": ["optimizer.name=stella", "optimizer.lr=1e-3", "init.method=peft"],
     # ZeRO-3 partitions the adapters even with one process: the optimizer reads and writes its
     # fp32 partitions and DeepSpeed's checkpoint carries the per-adapter state.
     "riemannion_loi_zero3": ["optimizer.name=riemannion", "optimizer.lr=1e-3", "init.method=loi",
