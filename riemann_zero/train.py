@@ -238,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             write_json(out / "run.json", info)
             print(f"[riemann_zero] done in {info['wall_time_s']:.0f} s: {out / 'adapter'}",
                   flush=True)
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # shut gloo down in order: its threads abort at interpreter exit
+            dist.barrier()
+            dist.destroy_process_group()
     if rank == 0 and recipe.eval_after.suite:
         run_eval_stage(recipe)
     return 0

@@ -117,30 +117,46 @@ class FSDP2Engine:
 
     def io(self, exclude_frozen: bool):
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        # torch.distributed.checkpoint keeps only torch.optim's state/param_groups: the manifold
-        # optimizers' per-adapter state (momentum, fp32 masters; this rank's rows) goes beside it.
+        # Manifold optimizers stay out of torch.distributed.checkpoint's optimizer path: it keeps
+        # only torch.optim's state/param_groups (dropping the per-adapter momentum and masters)
+        # and, finding torch.optim's state empty, runs a dummy zero-lr step() to initialise it,
+        # which would decay the momentum. Their own state_dict() (this rank's rows) is saved per
+        # rank instead; the model goes through DCP.
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
+
         manifold = hasattr(self.optimizer, "adapter_state_dict")
-        per_rank = f"adapter_state_rank{dist.get_rank()}.pt"
+        per_rank = f"optimizer_rank{dist.get_rank()}.pt"
 
         def write(directory: Path) -> None:
-            msd, osd = get_state_dict(self.module, self.optimizer)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
             if manifold:
-                torch.save(self.optimizer.adapter_state_dict(), directory / per_rank)
+                dcp.save({"model": get_model_state_dict(self.module)},
+                         checkpoint_id=str(directory))
+                torch.save(self.optimizer.state_dict(), directory / per_rank)
+            else:
+                msd, osd = get_state_dict(self.module, self.optimizer)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
             if dist.get_rank() == 0:
                 torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
 
         def read(directory: Path) -> None:
-            msd, osd = get_state_dict(self.module, self.optimizer)
-            state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=str(directory))
-            set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                           optim_state_dict=state["optim"])
-            if manifold:  # after set_state_dict, which resets it
-                self.optimizer.load_adapter_state_dict(torch.load(directory / per_rank))
-
+            if manifold:
+                state = {"model": get_model_state_dict(self.module)}
+                dcp.load(state, checkpoint_id=str(directory))
+                set_model_state_dict(self.module, state["model"])
+                self.optimizer.load_state_dict(
+                    torch.load(directory / per_rank, weights_only=False))
+            else:
+                msd, osd = get_state_dict(self.module, self.optimizer)
+                state = {"model": msd, "optim": osd}
+                dcp.load(state, checkpoint_id=str(directory))
+                set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                               optim_state_dict=state["optim"])
             self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
 
         return write, read
