@@ -122,7 +122,7 @@ def test_generative_suites_run_and_adapter_changes_outputs(suite, tasks, run_dir
 @pytest.mark.parametrize("suite", ["commonsense", "math", "code"])
 def test_full_suites_limit_20(suite, run_dir, tmp_path):
     res = runner.evaluate(run_dir, suite, limit=20, batch_size=BATCH, max_gen_toks=128,
-                          output_dir=tmp_path)["suites"][suite]
+                          output_dir=tmp_path / "eval")["suites"][suite]
     assert set(res["tasks"]) == set(suites.suite_tasks(suite))
     b, t = _samples(tmp_path, suite, "base"), _samples(tmp_path, suite, "smollm2-lora")
     assert any(b[k] != t[k] for k in b)
@@ -130,4 +130,5 @@ def test_full_suites_limit_20(suite, run_dir, tmp_path):
         base, tuned = res["models"]["base"]["results"], res["models"]["smollm2-lora"]["results"]
         assert any(base[c.task][c.metric] != tuned[c.task][c.metric]
                    for c in suites.SUITES[suite])
-    assert _is_png(tmp_path / f"results_{suite}.png")
+    assert _is_png(tmp_path / "eval" / f"results_{suite}.png")
+    assert (tmp_path / "eval" / "results.md").read_text().count("| base |") >= 1
