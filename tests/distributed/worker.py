@@ -107,10 +107,44 @@ def _loi(model, world: int, rank: int) -> None:
     rz.loi_init(model, [{"input_ids": b, "labels": b} for b in batches], reduce=sketch_reduce())
 
 
+def _zero3_shift(spec: dict, rank: int, out: Path, name: str) -> None:
+    """LOI's base shift on ZeRO-3-partitioned weights (uneven chunks): shift_base touches only
+    this rank's chunk; the gathered result must equal W − B₀A₀ formed on the whole weight."""
+    import deepspeed
+    import torch.distributed as dist
+
+    import riemann_zero as rz
+    from riemann_zero.distributed import shift_base
+
+    model = build(spec["r"])
+    gen = torch.Generator().manual_seed(3)
+    want, factors = {}, {}
+    for ad in rz.find_adapters(model):
+        b0, a0 = torch.randn(ad.m, ad.r, generator=gen), torch.randn(ad.r, ad.n, generator=gen)
+        factors[ad.name] = (b0, a0)
+        want[ad.name] = ad.module.get_base_layer().weight.detach() - b0 @ a0
+    deepspeed.initialize(model=model, optimizer=rz.Riemannion(model, **OPT),
+                         config=_ds_config(3, 1))
+    err, partitioned = 0.0, True
+    for ad in rz.find_adapters(model):
+        weight = ad.module.get_base_layer().weight
+        partitioned &= weight.ds_tensor.numel() < weight.ds_numel
+        shift_base(weight, *factors[ad.name])
+        with deepspeed.zero.GatheredParameters([weight]):
+            err = max(err, float((weight.detach() - want[ad.name]).abs().max()))
+    if rank == 0:
+        torch.save({"shift_err": err, "partitioned": partitioned}, out / f"{name}.pt")
+    dist.barrier()
+
+
 def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     import torch.distributed as dist
 
     import riemann_zero as rz
+
+    if case["engine"] == "zero3_shift":
+        _zero3_shift(spec, rank, out, case["name"])
+        return
 
     world, steps, engine, gas = spec["world"], spec["steps"], case["engine"], case.get("gas", 1)
     loi = bool(case.get("loi", False))
