@@ -41,7 +41,7 @@ __all__ = [
 
 MANIFOLD_OPTIMIZERS = ("riemannion", "riemann_sgd", "riemann_adam")
 OPTIMIZERS = MANIFOLD_OPTIMIZERS + ("adamw", "muon", "rprec_adamw", "stella")
-INIT_METHODS = ("loi", "zero", "random", "peft")
+INIT_METHODS = ("loi", "zero", "random", "peft", "pissa", "lora_ga")
 SCHEDULES = ("linear", "cosine", "constant")
 ENGINES = ("deepspeed", "fsdp2")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -74,13 +74,15 @@ class LoraSection:
 
 @dataclass
 class InitConfig:
-    """Adapter initialisation: ``loi`` (Theorem 5.1), ``zero``/``random`` (manifold), ``peft``."""
+    """Adapter initialisation: ``loi`` (Theorem 5.1), ``zero``/``random`` (manifold); for the
+    PEFT-parametrised baselines ``peft`` (PEFT's default), ``pissa`` or ``lora_ga`` (PEFT's)."""
 
     method: str = "loi"
     p: int = 16  # LOI oversampling
     q: int = 1  # LOI power steps
     alpha: float | None = None  # LOI scale; None = -0.01/sqrt(r), the paper's LLM setting
     batches: int = 4  # calibration micro-batches (the first ones of the shuffled train set)
+    niter: int = 0  # pissa: randomized-SVD iterations (0 = exact SVD; 16 for 8B-size weights)
 
 
 @dataclass
@@ -210,7 +212,8 @@ def _check_values(rc: Recipe) -> None:
                        ("train.eval_every", rc.train.eval_every),
                        ("train.save_every", rc.train.save_every),
                        ("schedule.warmup_steps", rc.schedule.warmup_steps),
-                       ("init.p", rc.init.p), ("init.q", rc.init.q)]:
+                       ("init.p", rc.init.p), ("init.q", rc.init.q),
+                       ("init.niter", rc.init.niter)]:
         _positive(key, value, allow_zero=True)
     if not 0.0 <= rc.schedule.warmup_ratio < 1.0:
         raise RecipeError(f"schedule.warmup_ratio must be in [0, 1), but got "
@@ -229,10 +232,14 @@ def _check_values(rc: Recipe) -> None:
         raise RecipeError(
             f"init.method={rc.init.method} builds the manifold layout, which "
             f"{rc.optimizer.name!r} does not understand; use init.method=peft")
-    if rc.init.method == "peft" and rc.optimizer.name in MANIFOLD_OPTIMIZERS:
+    if rc.init.method in ("peft", "pissa", "lora_ga") and rc.optimizer.name in MANIFOLD_OPTIMIZERS:
         raise RecipeError(
             f"optimizer {rc.optimizer.name!r} needs the manifold layout; set init.method to one "
-            f"of loi, zero, random (got peft)")
+            f"of loi, zero, random (got {rc.init.method})")
+    if rc.init.method in ("pissa", "lora_ga") and rc.optimizer.name == "stella":
+        raise RecipeError(
+            f"optimizer 'stella' starts from its own orthonormal U S Vᵀ; set init.method=peft "
+            f"(got {rc.init.method})")
     if rc.resume not in ("auto", "never") and not Path(rc.resume).is_dir():
         raise RecipeError(f"resume must be 'auto', 'never' or an existing checkpoint directory, "
                           f"but got {rc.resume!r}")

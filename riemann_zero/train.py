@@ -104,15 +104,16 @@ def batch_order(n: int, *, seed: int, epoch: int, rank: int, world: int, micro: 
 
 
 def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any = "cpu",
-                reduce: Any = None) -> Any:
+                reduce: Any = None, world: int = 1) -> Any:
     """Base model + LoRA (+ LOI) on ``device``.
 
     Args:
         recipe, plan: the run.
         calibration: this rank's LOI calibration batches, already on ``device``.
         device: where the model lives.
-        reduce: in-place sum over ranks of LOI's sketches (None for one process), so that every
-            rank ends with the same initial point.
+        reduce: in-place sum over ranks of LOI's sketches and LoRA-GA's gradients (None for one
+            process), so that every rank ends with the same initial point.
+        world: number of ranks summed by ``reduce``.
     """
     import torch
     from peft import LoraConfig
@@ -137,6 +138,11 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
 
             stella_init(model, seed=recipe.seed)
         return model
+    if recipe.init.method in ("pissa", "lora_ga"):
+        from riemann_zero.peft_inits import peft_init_model
+
+        return peft_init_model(base, config, recipe.init.method, calibration=calibration,
+                               niter=recipe.init.niter, reduce=reduce, world=world)
     import riemann_zero as rz
 
     init = "random" if recipe.init.method == "random" else "zero"

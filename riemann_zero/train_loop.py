@@ -269,15 +269,15 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
                f"{plan.global_batch} = {mb} x {gas} x {world}; {total} steps "
                f"({total / steps_per_epoch:.2f} epochs)")
 
-    # Model. LOI's calibration batches are shared out over the ranks and its sketches summed
-    # (all-reduce), so every rank builds the same model and none does all the passes.
+    # Model. The calibration batches of LOI (and LoRA-GA) are shared out over the ranks and their
+    # sketches (gradients) summed, so every rank builds the same model and none does all passes.
     per_rank = -(-recipe.init.batches // world)
     first = batch_order(len(train_items), seed=recipe.seed, epoch=0, rank=0, world=1, micro=mb)
     mine = first[: per_rank * world][rank::world]
     calibration = [_collate(train_items, idx, collator, device) for idx in mine]
     set_seed(recipe.seed)  # the same initial adapter on every rank
     model = build_model(recipe, plan, calibration, device,
-                        reduce=(lambda t: dist.all_reduce(t)) if world > 1 else None)
+                        reduce=(lambda t: dist.all_reduce(t)) if world > 1 else None, world=world)
     set_seed(recipe.seed + 1 + rank)  # then independent dropout masks per rank
     manifold = recipe.optimizer.name in MANIFOLD_OPTIMIZERS
     _log(rank, f"model ready ({time.perf_counter() - t0:.0f} s): {recipe.init.method} init")
@@ -381,22 +381,38 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
 
 
 def _save_adapter(eng, out_dir: Path, *, manifold: bool, rank: int) -> None:
-    """A stock PEFT adapter: relative to the original base for manifold optimizers."""
+    """A stock PEFT adapter relative to the original base (after LOI, PiSSA or LoRA-GA too)."""
     module = eng.module
     if manifold:
         import riemann_zero as rz
 
         rz.save_adapter(module, out_dir)  # collective under ZeRO-3/FSDP2; rank 0 writes
         return
-    lora = [p for n, p in module.named_parameters() if "lora_" in n]
+    state = None
     if isinstance(eng, FSDP2Engine):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
-                                                                     cpu_offload=True))
-        if rank == 0:
-            module.save_pretrained(str(out_dir), state_dict=full)
-        return
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
+                                                                      cpu_offload=True))
+    lora = [p for n, p in module.named_parameters() if "lora_" in n]
     with eng.gathered(lora):
         if rank == 0:
-            module.save_pretrained(str(out_dir))
+            _write_peft_adapter(module, out_dir, state)
+
+
+def _write_peft_adapter(module, out_dir: Path, state: dict | None) -> None:
+    """``save_pretrained`` into a temporary folder, convert a moved-base init, then rename."""
+    import shutil
+    import tempfile
+
+    from riemann_zero.peft_inits import INITIAL_ATTR, save_relative_to_original
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
+    module.save_pretrained(str(tmp), state_dict=state)
+    initial = getattr(module, INITIAL_ATTR, None)
+    if initial is not None:  # PiSSA / LoRA-GA moved the base weight
+        save_relative_to_original(tmp, initial)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)

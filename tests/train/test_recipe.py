@@ -114,6 +114,14 @@ def test_baseline_and_init_must_match():
         load_recipe(None, ["optimizer.name=adamw"])
     with pytest.raises(RecipeError, match="needs the manifold layout"):
         load_recipe(None, ["init.method=peft"])
+    with pytest.raises(RecipeError, match=r"needs the manifold layout.*\(got pissa\)"):
+        load_recipe(None, ["init.method=pissa"])
+    with pytest.raises(RecipeError, match="'stella' starts from its own"):
+        load_recipe(None, ["optimizer.name=stella", "init.method=lora_ga"])
+    with pytest.raises(RecipeError, match="did you mean 'lora_ga'"):
+        load_recipe(None, ["optimizer.name=adamw", "init.method=loraga"])
+    rc = load_recipe(None, ["optimizer.name=muon", "init.method=lora_ga"])
+    assert rc.init.method == "lora_ga"
 
 
 def test_resolved_recipe_replays(tmp_path):

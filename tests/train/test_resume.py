@@ -28,6 +28,10 @@ VARIANTS = {
     "riemannion_loi": ["optimizer.name=riemannion", "optimizer.lr=1e-3", "init.method=loi",
                        "init.p=4", "init.batches=1"],
     "adamw": ["optimizer.name=adamw", "optimizer.lr=1e-3", "init.method=peft"],
+    # LoRA-GA moves the base weight from calibration gradients: a resumed run must rebuild the
+    # same moved base (seeded randomized SVD) and still export an adapter on the original base.
+    "adamw_lora_ga": ["optimizer.name=adamw", "optimizer.lr=1e-3", "init.method=lora_ga",
+                      "init.batches=1"],
     # StelLA keeps fp32 U, S, V masters in its state and rewrites lora_A/lora_B from them.
     "stella": ["optimizer.name=stella", "optimizer.lr=1e-3", "init.method=peft"],
     # ZeRO-3 partitions the adapters even with one process: the optimizer reads and writes its
