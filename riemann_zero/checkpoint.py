@@ -34,6 +34,7 @@ __all__ = [
     "save_checkpoint",
     "load_trainer_state",
     "deepspeed_io",
+    "keep_state_dtypes",
 ]
 
 COMPLETE = "COMPLETE"
@@ -186,3 +187,17 @@ def deepspeed_io(engine: Any, *, exclude_frozen: bool) -> tuple[Callable[[Path],
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
     return write, read
+
+
+def keep_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """After ``Optimizer.load_state_dict``: put back the saved floating state in its own dtype.
+
+    torch casts floating state to the parameter's dtype; fp32 moments and masters of bf16
+    parameters must come back bit-exact (resume = the identical next step).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, st in state_dict.get("state", {}).items():
+        p = params[int(idx)]
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point():
+                optimizer.state[p][k] = v.to(device=p.device, copy=True)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import geometry as geo
 from . import span
+from .checkpoint import keep_state_dtypes
 from .distributed import resolve_shards
 from .layout import Adapter, find_adapters
 
@@ -224,13 +225,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         state_dict = dict(state_dict)
         adapter_state = state_dict.pop("adapter_state", {})
         super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype; the AdamW moments of bf16
-        # parameters are fp32 and must come back bit-exact (resume = identical next step).
-        params = [p for group in self.param_groups for p in group["params"]]
-        for idx, st in state_dict.get("state", {}).items():
-            for k, v in st.items():
-                if isinstance(v, Tensor) and k != "step" and v.is_floating_point():
-                    self.state[params[idx]][k] = v.to(device=params[idx].device, copy=True)
+        keep_state_dtypes(self, state_dict)  # fp32 AdamW moments of bf16 extras stay fp32
         self.load_adapter_state_dict(adapter_state)
 
     # --------------------------------------------------------------------------- health

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import keep_state_dtypes
 from .layout import _lora_layers
 
 __all__ = ["INITS", "StelLA", "stella_init"]
@@ -336,12 +337,7 @@ class StelLA(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, but fp32 masters keep their dtype, and lora_B/lora_A are rewritten."""
         super().load_state_dict(state_dict)
-        params = [p for group in self.param_groups for p in group["params"]]
-        for idx, st in state_dict["state"].items():  # torch casts floats to the param dtype
-            p = params[int(idx)]
-            for k, val in st.items():
-                if isinstance(val, Tensor):
-                    self.state[p][k] = val.to(device=p.device, copy=True)
+        keep_state_dtypes(self, state_dict)
         with torch.no_grad():
             for sl in self._slots:
                 st_a = self.state[sl.A]
