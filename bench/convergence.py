@@ -228,16 +228,16 @@ def _table(a, res: dict) -> str:
     lines = [f"SmolLM2-135M (`{a.model}`), commonsense mixture, r={a.rank}, {a.steps} steps × "
              f"{a.batch} examples (max {a.max_length} tokens), mean ± std over seeds; eval loss "
              f"on {a.eval_loss_examples} held-out commonsense test examples; accuracy: protocol "
-             f"(b), {a.eval_limit} documents per task × 8 tasks.", "",
+             f"(b), {a.eval_limit} documents per task × 8 tasks. Times are left out: runs shared "
+             f"the machine (bench/overhead.py measures speed).", "",
              "| method | lr (best of sweep: eval loss) | seeds | train loss (last quarter) | "
-             "eval loss | protocol (b) avg acc % | step s | optimizer s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "eval loss | protocol (b) avg acc % |",
+             "|---|---|---|---|---|---|"]
     for m, r in res["methods"].items():
         sweep = ", ".join(f"{lr}: {v:.3f}" for lr, v in r["sweep"].items()) or "AdamW's"
         acc = _fmt(r["gen_avg"], 1) if "gen_avg" in r else "–"
         lines.append(f"| {m} | {r['lr']:g} ({sweep}) | {r['seeds']} | {_fmt(r['train_loss'])} | "
-                     f"{_fmt(r['eval_loss'])} | {acc} | {r['step_time_s']:.2f} | "
-                     f"{r['optim_time_s']:.3f} |")
+                     f"{_fmt(r['eval_loss'])} | {acc} |")
     if res["math"]:
         lines += ["", "Math mixture (holdout eval loss, seed 0, the commonsense best lr):", "",
                   "| method | first eval loss | final eval loss | final train loss |",
