@@ -91,10 +91,15 @@ def _common(a: argparse.Namespace) -> list[str]:
             "eval_after.suite=null"]
 
 
+def _finished(run: Path) -> bool:
+    """A run the driver completed (an interrupted one has metrics but no finished run.json)."""
+    info = run / "run.json"
+    return info.is_file() and json.loads(info.read_text()).get("status") == "finished"
+
+
 def _train(a, name: str, overrides: list[str], log) -> Path:
     out = Path(a.out) / "runs" / name
-    if (out / "run.json").is_file() and json.loads((out / "run.json").read_text()).get(
-            "status") == "finished":
+    if _finished(out):
         return out
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                OMP_NUM_THREADS=str(os.cpu_count() or 1))
@@ -147,7 +152,7 @@ def _metrics(run: Path) -> dict:
 def _best_lr(a, names: dict[float, str]) -> float | None:
     """The lr whose seed-0 run ends with the lowest held-out eval loss (finished runs only)."""
     root = Path(a.out) / "runs"
-    done = {lr: n for lr, n in names.items() if (root / n / "metrics.jsonl").is_file()}
+    done = {lr: n for lr, n in names.items() if _finished(root / n)}
     if not done:
         return None
     return min(done, key=lambda lr: _metrics(root / done[lr])["eval_loss"][-1])
@@ -195,7 +200,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 def _summarise(a, runs: dict) -> dict:
     root = Path(a.out) / "runs"
-    have = lambda n: (root / n / "metrics.jsonl").is_file()  # noqa: E731
+    have = lambda n: _finished(root / n)  # noqa: E731
     summary = {}
     for m, names in runs["seeds"].items():
         ms = [_metrics(root / n) for n in names if have(n)]
