@@ -1,17 +1,24 @@
 """Optimizer overhead of Riemannion against AdamW, as ratios taken in one run.
 
 Part ``optimizer``: one optimizer step on the LoRA factors of Llama-3-8B shapes (7 projections ×
-32 layers), for r ∈ {4, 8, 16, 32, 64}: AdamW on the factors, Riemannion batched by shape, and
-Riemannion as a per-adapter loop. Timings are interleaved (AdamW, batched, looped, AdamW, …) and
-the minimum of ``--repeats`` is kept, so a noisy shared machine shifts all three alike.
+32 layers), for r ∈ {4, 8, 16, 32, 64}: AdamW on the factors, Riemannion as it runs by default
+(batched by shape, calls capped at 16 MiB of factors on CPU), Riemannion with one call per shape,
+and Riemannion as a per-adapter loop. Timings are interleaved (AdamW, batched, one call, looped,
+AdamW, …) and the minimum of ``--repeats`` is kept, so a noisy shared machine shifts all alike.
 
 Part ``training``: the paper's protocol (App. I: minimum over runs of whole training steps,
-(T_Riemannion − T_AdamW) / T_AdamW) on the real SmolLM2 (truncated to ``--model-layers`` layers
-on CPU), LoRA on all linear layers: AdamW on a stock rank-r PEFT LoRA versus Riemannion on the
-manifold layout (rank-2r PEFT modules), at several batch sizes.
+(T_Riemannion − T_AdamW) / T_AdamW), LoRA on all linear layers: AdamW on a stock rank-r PEFT LoRA
+versus Riemannion on the manifold layout (rank-2r PEFT modules), at several batch sizes and ranks.
+The model is the real SmolLM2 (truncated to ``--model-layers`` layers, real ARC-Easy text) or,
+with ``--model llama3-8b``, a randomly initialised Llama-3-8B-shaped model in bf16 fed random
+tokens (timing does not need pretrained weights; meant for a GPU).
 
     python bench/overhead.py                       # both parts, default sizes (≤ 10 min, 2 cores)
     python bench/overhead.py --part optimizer --ranks 16 --layers 4
+    python bench/overhead.py --device cuda --model llama3-8b --model-layers 32 \
+        --train-ranks 4 8 16 --batches 8 16 32 64 128 --seq 128 --steps 16 --repeats 4
+
+On an accelerator every timing is bracketed by a device synchronisation.
 
 Writes ``bench/results/overhead.json`` and ``overhead.png`` and prints Markdown tables.
 """
@@ -50,44 +57,67 @@ class _FactorHolder(nn.Module):
         self.scaling = {"default": 1.0}
 
 
-def llama3_adapters(r: int, layers: int, seed: int = 0) -> list[Adapter]:
+def llama3_adapters(r: int, layers: int, seed: int = 0, device: str = "cpu") -> list[Adapter]:
+    """Factors of Llama-3-8B's adapted layers in fp32 (PEFT keeps LoRA weights in fp32)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for layer in range(layers):
         for name, (m, n) in LLAMA3_8B.items():
-            ad = Adapter(f"layers.{layer}.{name}", _FactorHolder(m, n, 2 * r), "default", r, m, n)
-            u = torch.linalg.qr(torch.randn(m, r, generator=gen))[0]
-            v = torch.linalg.qr(torch.randn(n, r, generator=gen))[0]
+            holder = _FactorHolder(m, n, 2 * r).to(device)
+            ad = Adapter(f"layers.{layer}.{name}", holder, "default", r, m, n)
+            u = torch.linalg.qr(torch.randn(m, r, generator=gen))[0].to(device)
+            v = torch.linalg.qr(torch.randn(n, r, generator=gen))[0].to(device)
             with torch.no_grad():
                 set_point(ad, u, v, 1e-2 * v)
             for p in (ad.lora_A, ad.lora_B):
-                p.grad = 1e-3 * torch.randn(p.shape, generator=gen)
+                p.grad = (1e-3 * torch.randn(p.shape, generator=gen)).to(device)
             out.append(ad)
     return out
 
 
-def _time(fn) -> float:
+def llama3_8b_config(layers: int, **overrides):
+    """Llama-3-8B's architecture (the published config.json values), ``layers`` decoder layers."""
+    from transformers import LlamaConfig
+
+    values = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
+              "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    values.update(overrides)
+    return LlamaConfig(num_hidden_layers=layers, **values)
+
+
+def _sync(device: str) -> None:
+    if device != "cpu":
+        torch.accelerator.synchronize()
+
+
+def _time(fn, device: str = "cpu") -> float:
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
 
 
-def optimizer_part(ranks: list[int], layers: int, repeats: int) -> list[dict]:
+def optimizer_part(ranks: list[int], layers: int, repeats: int, device: str = "cpu") -> list[dict]:
     rows = []
     for r in ranks:
-        adapters = llama3_adapters(r, layers)
+        adapters = llama3_adapters(r, layers, device=device)
         params = [p for ad in adapters for p in (ad.lora_A, ad.lora_B)]
         adamw = torch.optim.AdamW(params, lr=1e-4)  # PyTorch's default (foreach) implementation
-        batched = rz.Riemannion(adapters, lr=1e-4)
+        batched = rz.Riemannion(adapters, lr=1e-4)  # default: batched, byte-capped on CPU
+        whole = rz.Riemannion(adapters, lr=1e-4)
+        whole.bucket_bytes = None  # one call per shape, however large
         looped = rz.Riemannion(adapters, lr=1e-4)
         looped.batch_by_shape = False
-        runs = {"adamw": adamw.step, "batched": batched.step, "looped": looped.step}
+        runs = {"adamw": adamw.step, "batched": batched.step, "whole": whole.step,
+                "looped": looped.step}
         best = {k: float("inf") for k in runs}
         for fn in runs.values():  # warm-up: state allocation
             fn()
         for _ in range(repeats):
             for k, fn in runs.items():
-                best[k] = min(best[k], _time(fn))
+                best[k] = min(best[k], _time(fn, device))
         entries = sum(p.numel() for p in params)
         state = {
             "adamw": sum(t.numel() for st in adamw.state.values() for t in st.values()
@@ -98,16 +128,23 @@ def optimizer_part(ranks: list[int], layers: int, repeats: int) -> list[dict]:
         rows.append({
             "r": r, "adapters": len(adapters), "factor_entries": entries,
             "adamw_s": best["adamw"], "riemannion_s": best["batched"],
-            "riemannion_looped_s": best["looped"],
+            "riemannion_looped_s": best["looped"], "riemannion_one_call_s": best["whole"],
             "ratio": best["batched"] / best["adamw"],
             "batched_speedup": best["looped"] / best["batched"],
             "state_ratio": state["riemannion"] / state["adamw"],
         })
         print(f"r={r:3d}: AdamW {best['adamw']:.3f}s  Riemannion {best['batched']:.3f}s "
-              f"(x{rows[-1]['ratio']:.2f})  looped {best['looped']:.3f}s", flush=True)
-        del adapters, params, adamw, batched, looped, runs
-        gc.collect()
+              f"(x{rows[-1]['ratio']:.2f})  one call per shape {best['whole']:.3f}s  "
+              f"looped {best['looped']:.3f}s", flush=True)
+        del adapters, params, adamw, batched, whole, looped, runs
+        _release(device)
     return rows
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device != "cpu":
+        torch.accelerator.empty_cache()
 
 
 def _smollm2_batch(tokenizer, batch: int, seq: int) -> dict:
@@ -122,19 +159,58 @@ def _smollm2_batch(tokenizer, batch: int, seq: int) -> dict:
             "labels": enc.input_ids.masked_fill(enc.attention_mask == 0, -100)}
 
 
-def training_part(batches: list[int], r: int, seq: int, model_layers: int, steps: int,
+def _random_batch(vocab: int, batch: int, seq: int) -> dict:
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(batch))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class _Model:
+    """Where the training part's base models come from: SmolLM2 (real) or Llama-3-8B-shaped."""
+
+    def __init__(self, name: str, layers: int, device: str, **llama_overrides) -> None:
+        self.name, self.layers, self.device = name, layers, device
+        if name == "smollm2":
+            from transformers import AutoTokenizer
+
+            from riemann_zero import assets
+
+            self.path = assets.smollm2(layers=layers)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        else:
+            self.config = llama3_8b_config(layers, **llama_overrides)
+
+    def base(self):
+        from transformers import AutoModelForCausalLM
+
+        if self.name == "smollm2":
+            return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).to(
+                self.device)
+        torch.manual_seed(0)
+        with torch.device(self.device):  # initialised in place: no 16 GB host copy
+            model = AutoModelForCausalLM.from_config(self.config, dtype=torch.bfloat16)
+        # batch 128 of an 8B model: activations dominate memory
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        return model
+
+    def batch(self, batch: int, seq: int) -> dict:
+        if self.name == "smollm2":
+            data = _smollm2_batch(self.tokenizer, batch, seq)
+        else:
+            data = _random_batch(self.config.vocab_size, batch, seq)
+        return {k: v.to(self.device) for k, v in data.items()}
+
+
+def training_part(batches: list[int], ranks: list[int], seq: int, source: _Model, steps: int,
                   repeats: int) -> list[dict]:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from riemann_zero import assets
-
-    path = assets.smollm2(layers=model_layers)
-    tok = AutoTokenizer.from_pretrained(path)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    device = source.device
 
-    def build(kind: str):
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    def build(kind: str, r: int):
+        base = source.base()
         config = LoraConfig(r=r, lora_alpha=r, target_modules=targets)
         if kind == "adamw":
             model = get_peft_model(base, config)
@@ -144,24 +220,28 @@ def training_part(batches: list[int], r: int, seq: int, model_layers: int, steps
             opt = rz.Riemannion(model, lr=1e-4)
         return model, opt
 
-    models = {kind: build(kind) for kind in ("adamw", "riemannion")}
     rows = []
-    for batch in batches:
-        data = _smollm2_batch(tok, batch, seq)
-        best = {}
-        for _ in range(repeats):
-            for kind, (model, opt) in models.items():
-                def run(model=model, opt=opt, data=data):
-                    for _ in range(steps):
-                        model(**data).loss.backward()
-                        opt.step()
-                        opt.zero_grad()
-                best[kind] = min(best.get(kind, float("inf")), _time(run) / steps)
-        overhead = (best["riemannion"] - best["adamw"]) / best["adamw"]
-        rows.append({"batch": batch, "seq": seq, "r": r, "adamw_step_s": best["adamw"],
-                     "riemannion_step_s": best["riemannion"], "overhead": overhead})
-        print(f"batch {batch:3d}: AdamW {best['adamw']:.3f}s/step  Riemannion "
-              f"{best['riemannion']:.3f}s/step  overhead {100 * overhead:+.1f}%", flush=True)
+    for r in ranks:
+        models = {kind: build(kind, r) for kind in ("adamw", "riemannion")}
+        for batch in batches:
+            data = source.batch(batch, seq)
+            best = {}
+            for _ in range(repeats):
+                for kind, (model, opt) in models.items():
+                    def run(model=model, opt=opt, data=data):
+                        for _ in range(steps):
+                            model(**data).loss.backward()
+                            opt.step()
+                            opt.zero_grad()
+                    best[kind] = min(best.get(kind, float("inf")), _time(run, device) / steps)
+            overhead = (best["riemannion"] - best["adamw"]) / best["adamw"]
+            rows.append({"batch": batch, "seq": seq, "r": r, "adamw_step_s": best["adamw"],
+                         "riemannion_step_s": best["riemannion"], "overhead": overhead})
+            print(f"r={r:3d} batch {batch:3d}: AdamW {best['adamw']:.3f}s/step  Riemannion "
+                  f"{best['riemannion']:.3f}s/step  overhead {100 * overhead:+.1f}%", flush=True)
+            del data
+        del models
+        _release(device)
     return rows
 
 
@@ -175,7 +255,11 @@ def plot(result: dict, out: Path) -> None:
     opt_rows = result.get("optimizer", [])
     if opt_rows:
         rs = [row["r"] for row in opt_rows]
-        axes[0].plot(rs, [row["ratio"] for row in opt_rows], "o-", label="Riemannion (batched)")
+        axes[0].plot(rs, [row["ratio"] for row in opt_rows], "o-",
+                     label="Riemannion (default: batched, ≤ 16 MiB calls on CPU)")
+        if "riemannion_one_call_s" in opt_rows[0]:
+            axes[0].plot(rs, [row["riemannion_one_call_s"] / row["adamw_s"] for row in opt_rows],
+                         "^:", label="Riemannion (one call per shape)")
         axes[0].plot(rs, [row["riemannion_looped_s"] / row["adamw_s"] for row in opt_rows], "s--",
                      label="Riemannion (per-layer loop)")
         axes[0].axhline(1.0, color="gray", lw=0.8)
@@ -186,13 +270,18 @@ def plot(result: dict, out: Path) -> None:
         axes[0].legend()
     train_rows = result.get("training", [])
     if train_rows:
-        axes[1].bar([str(row["batch"]) for row in train_rows],
-                    [100 * row["overhead"] for row in train_rows])
+        for r in sorted({row["r"] for row in train_rows}):
+            rows = [row for row in train_rows if row["r"] == r]
+            axes[1].plot([row["batch"] for row in rows], [100 * row["overhead"] for row in rows],
+                         "o-", label=f"r = {r}")
+        axes[1].set_xscale("log", base=2)
         axes[1].set_xlabel("batch size (sequences)")
         axes[1].set_ylabel("(T_Riemannion − T_AdamW) / T_AdamW, %")
         axes[1].set_ylim(min(0, *[100 * row["overhead"] for row in train_rows]) - 1, 35)
-        axes[1].set_title(f"training step, SmolLM2 ({result['config']['model_layers']} layers), "
-                          f"r={train_rows[0]['r']}")
+        cfg = result["config"]
+        axes[1].set_title(f"training step, {cfg['model']} ({cfg['model_layers']} layers), "
+                          f"{cfg['device']}")
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
@@ -200,21 +289,25 @@ def plot(result: dict, out: Path) -> None:
 def markdown(result: dict) -> str:
     lines = []
     if result.get("optimizer"):
-        lines += ["| r | factor entries | AdamW step | Riemannion step | ratio | per-layer loop | "
-                  "batched speed-up | optimizer state vs AdamW |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| r | factor entries | AdamW step | Riemannion step | ratio "
+                  "| one call per shape | per-layer loop | batched speed-up (vs loop) "
+                  "| optimizer state vs AdamW |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in result["optimizer"]:
+            one_call = row.get("riemannion_one_call_s")
             lines.append(
                 f"| {row['r']} | {row['factor_entries'] / 1e6:.1f} M | {row['adamw_s']:.3f} s | "
                 f"{row['riemannion_s']:.3f} s | {row['ratio']:.2f}× | "
-                f"{row['riemannion_looped_s']:.3f} s | {row['batched_speedup']:.2f}× | "
+                + (f"{one_call:.3f} s | " if one_call is not None else "— | ")
+                + f"{row['riemannion_looped_s']:.3f} s | {row['batched_speedup']:.2f}× | "
                 f"{row['state_ratio']:.2f}× |")
     if result.get("training"):
-        lines += ["", "| batch × seq | AdamW step | Riemannion step | overhead |",
-                  "|---|---|---|---|"]
+        lines += ["", "| r | batch × seq | AdamW step | Riemannion step | overhead |",
+                  "|---|---|---|---|---|"]
         for row in result["training"]:
-            lines.append(f"| {row['batch']} × {row['seq']} | {row['adamw_step_s']:.2f} s | "
-                         f"{row['riemannion_step_s']:.2f} s | {100 * row['overhead']:+.1f} % |")
+            lines.append(f"| {row['r']} | {row['batch']} × {row['seq']} | "
+                         f"{row['adamw_step_s']:.3f} s | {row['riemannion_step_s']:.3f} s | "
+                         f"{100 * row['overhead']:+.1f} % |")
     return "\n".join(lines)
 
 
@@ -226,25 +319,34 @@ def main() -> None:
                     help="Llama-3-8B layers for the optimizer part")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--train-rank", type=int, default=16)
+    ap.add_argument("--train-ranks", type=int, nargs="+", default=[16])
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--model", choices=["smollm2", "llama3-8b"], default="smollm2",
+                    help="training part: real SmolLM2, or a random Llama-3-8B-shaped bf16 model")
     ap.add_argument("--model-layers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or an accelerator such as cuda")
+    ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json",
+                    help="result file; the plot is written beside it (.png)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    result = {"config": vars(args), "machine": {
-        "platform": platform.platform(), "processor": platform.processor(),
-        "threads": args.threads, "torch": torch.__version__}}
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "threads": args.threads, "torch": torch.__version__}
+    if args.device != "cpu":
+        machine["accelerator"] = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                                  else args.device)
+    result = {"config": {**vars(args), "out": str(args.out)}, "machine": machine}
     if args.part in ("optimizer", "all"):
-        result["optimizer"] = optimizer_part(args.ranks, args.layers, args.repeats)
+        result["optimizer"] = optimizer_part(args.ranks, args.layers, args.repeats, args.device)
     if args.part in ("training", "all"):
-        result["training"] = training_part(args.batches, args.train_rank, args.seq,
-                                           args.model_layers, args.steps, args.repeats)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overhead.json").write_text(json.dumps(result, indent=1))
-    plot(result, RESULTS / "overhead.png")
+        source = _Model(args.model, args.model_layers, args.device)
+        result["training"] = training_part(args.batches, args.train_ranks, args.seq, source,
+                                           args.steps, args.repeats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    plot(result, args.out.with_suffix(".png"))
     print()
     print(markdown(result))
 

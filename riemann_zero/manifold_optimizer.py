@@ -24,6 +24,9 @@ __all__ = ["ManifoldOptimizer"]
 _log = logging.getLogger(__name__)
 
 
+CPU_BUCKET_BYTES = 16 << 20
+
+
 def _canonical(x: geo.Point, shards) -> geo.Point:
     """Re-factor a point first read from low-precision (bf16/fp16) parameters.
 
@@ -79,6 +82,10 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         self.shards = None  # resolved at the first step, once an engine has laid out the params
         # One batched call per shape (default); False: a per-adapter loop (benchmarks, debugging).
         self.batch_by_shape = True
+        # Cap on one batched call's factor bytes: "auto" = CPU_BUCKET_BYTES for CPU parameters
+        # (stacked temporaries past a few MiB fall out of cache and cost more than the Python
+        # loop saves; bench/overhead.py), no cap on accelerators where the step is launch-bound.
+        self.bucket_bytes: int | str | None = "auto"
         self.last_step_comm: dict[str, int] = {}
         self.comm_total: Counter[str] = Counter()
 
@@ -89,11 +96,25 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         return self.shards
 
     def _buckets(self, names: list[str]) -> list[list[Adapter]]:
+        """Same-shaped adapters together, cut into calls of at most ``bucket_bytes``.
+
+        Cuts depend on the global shapes only, so every rank forms the same buckets.
+        """
         by_shape: dict[tuple, list[Adapter]] = defaultdict(list)
         for name in names:
             ad = self.adapters[name]
             by_shape[(ad.m, ad.n, ad.r) if self.batch_by_shape else name].append(ad)
-        return list(by_shape.values())
+        cap = self.bucket_bytes
+        if cap == "auto":
+            on_cpu = next(iter(self.adapters.values())).lora_B.device.type == "cpu"
+            cap = CPU_BUCKET_BYTES if on_cpu else None
+        out = []
+        for bucket in by_shape.values():
+            ad = bucket[0]
+            calls = -(-len(bucket) * 4 * (ad.m + ad.n) * ad.r // cap) if cap else 1
+            per = -(-len(bucket) // calls)  # even cuts: 32 → 16 + 16, not 27 + 5
+            out += [bucket[i: i + per] for i in range(0, len(bucket), per)]
+        return out
 
     @torch.no_grad()
     def step(self, closure=None):

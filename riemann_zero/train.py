@@ -124,7 +124,8 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
              "bfloat16": torch.bfloat16}[recipe.model.dtype]
     base = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=dtype).to(device)
     if recipe.model.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
     lc = recipe.lora
     config = LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,

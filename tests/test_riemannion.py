@@ -409,3 +409,30 @@ def test_non_adapter_parameters_go_to_adamw_and_move(tiny_llama):
     for p, s, p0 in zip(extra, shadow, start):
         assert rel(p - p0, s.detach() - p0) < 1e-5
         assert float((p - p0).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("split", [{"bucket_bytes": 1}, {"batch_by_shape": False}])
+def test_cut_buckets_and_per_layer_loop_follow_the_one_call_per_shape_trajectory(tiny_llama,
+                                                                                  split):
+    """Batching is only a speed choice: a byte cap that cuts every shape's batch into single
+    adapters, or no batching at all, gives the one-call-per-shape trajectory. The tolerance is
+    fp64 rounding: batched and single matmuls may sum in different orders."""
+    runs = []
+    for options in ({"bucket_bytes": None}, split):
+        model = build(tiny_llama, seed=4)
+        opt = rz.Riemannion(model, **HP)
+        for key, value in options.items():
+            setattr(opt, key, value)
+        calls = opt._buckets(list(opt.adapters))
+        out = []
+        for t in range(5):
+            model.zero_grad(set_to_none=True)
+            model(**batch(t)).loss.backward()
+            opt.step()
+            out.append(points(model))
+        runs.append((len(calls), out))
+    (whole, a), (cut, b) = runs
+    adapters = rz.find_adapters(build(tiny_llama, seed=4))
+    assert whole == len({(ad.m, ad.n, ad.r) for ad in adapters}) and cut == len(adapters)
+    assert cut > whole  # the split really made more, smaller calls
+    assert worst_gap(a, b) < 1e-12
