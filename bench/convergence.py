@@ -97,14 +97,20 @@ def _finished(run: Path) -> bool:
     return info.is_file() and json.loads(info.read_text()).get("status") == "finished"
 
 
+def _env() -> dict[str, str]:
+    """Offline, all cores, and no inherited launcher variables: each run is its own process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               OMP_NUM_THREADS=str(os.cpu_count() or 1), TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
 def _train(a, name: str, overrides: list[str], log) -> Path:
     out = Path(a.out) / "runs" / name
     if _finished(out):
         return out
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS=str(os.cpu_count() or 1))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = _env()
     cmd = [sys.executable, "-m", "riemann_zero.train", str(RECIPE), *_common(a), *overrides,
            f"output_dir={out}"]
     t0 = time.time()
@@ -121,8 +127,7 @@ def _train(a, name: str, overrides: list[str], log) -> Path:
 def _evaluate(a, run: Path, log) -> None:
     if (run / "eval" / "results.json").is_file():
         return
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS=str(os.cpu_count() or 1), TOKENIZERS_PARALLELISM="false")
+    env = _env()
     cmd = [sys.executable, "-m", "eval", str(run), "--suite", "commonsense", "--limit",
            str(a.eval_limit), "--tasks", ",".join(GEN_TASKS), "--no-base"]
     t0 = time.time()

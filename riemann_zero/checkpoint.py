@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "load_trainer_state",
     "deepspeed_io",
     "keep_state_dtypes",
+    "write_dir_atomically",
 ]
 
 COMPLETE = "COMPLETE"
@@ -201,3 +203,28 @@ def keep_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> Non
         for k, v in st.items():
             if isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point():
                 optimizer.state[p][k] = v.to(device=p.device, copy=True)
+
+
+def write_dir_atomically(out: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+    """``build(tmp)`` fills a temporary sibling folder, which then replaces ``out``.
+
+    A crash leaves the previous ``out`` (or, between the two renames, ``out.old``) intact, never
+    a half-written folder under the final name.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+    return out

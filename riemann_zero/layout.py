@@ -19,13 +19,13 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from .checkpoint import write_dir_atomically
 
 __all__ = [
     "Adapter",
@@ -328,19 +328,11 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, rank0_only: bo
         rank_pattern=pattern,
         alpha_pattern=dict(pattern),
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-    save_file(tensors, str(tmp / "adapter_model.safetensors"))
-    config.save_pretrained(str(tmp))
-    (tmp / "riemann_zero.json").write_text(json.dumps(
-        {"manifold_rank": {ad.name: ad.r for ad in adapters},
-         "loi": any(hasattr(ad.module, "loi_B0") for ad in adapters)}, indent=1))
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out
+    def build(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        config.save_pretrained(str(tmp))
+        (tmp / "riemann_zero.json").write_text(json.dumps(
+            {"manifold_rank": {ad.name: ad.r for ad in adapters},
+             "loi": any(hasattr(ad.module, "loi_B0") for ad in adapters)}, indent=1))
+
+    return write_dir_atomically(out, build)

@@ -401,18 +401,14 @@ def _save_adapter(eng, out_dir: Path, *, manifold: bool, rank: int) -> None:
 
 
 def _write_peft_adapter(module, out_dir: Path, state: dict | None) -> None:
-    """``save_pretrained`` into a temporary folder, convert a moved-base init, then rename."""
-    import shutil
-    import tempfile
-
+    """``save_pretrained``, converted when the init moved the base, written atomically."""
+    from riemann_zero.checkpoint import write_dir_atomically
     from riemann_zero.peft_inits import INITIAL_ATTR, save_relative_to_original
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
-    module.save_pretrained(str(tmp), state_dict=state)
-    initial = getattr(module, INITIAL_ATTR, None)
-    if initial is not None:  # PiSSA / LoRA-GA moved the base weight
-        save_relative_to_original(tmp, initial)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    def build(tmp: Path) -> None:
+        module.save_pretrained(str(tmp), state_dict=state)
+        initial = getattr(module, INITIAL_ATTR, None)
+        if initial is not None:  # PiSSA / LoRA-GA moved the base weight
+            save_relative_to_original(tmp, initial)
+
+    write_dir_atomically(out_dir, build)

@@ -26,6 +26,7 @@ writes back its own fragment. Nothing m × n is ever formed or sent.
 
 from __future__ import annotations
 
+import abc
 from collections import Counter
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ def owned_rows(start: int, numel: int, cols: int) -> tuple[int, int, int]:
     return first, max(first, end), head
 
 
-class _FlatShards:
+class _FlatShards(abc.ABC):
     """Shared logic of the ZeRO layouts; subclasses only locate fragments (``_fragment``)."""
 
     reduce_n = None
@@ -93,8 +94,9 @@ class _FlatShards:
         CountingAllReduce(self.setup_comm, "all_reduce.setup", group)(heads)
         self._partial = {ad.name: bool(h > 0) for ad, h in zip(adapters, heads.tolist())}
 
+    @abc.abstractmethod
     def _fragment(self, p: Tensor) -> Fragment:
-        raise NotImplementedError
+        """This rank's slice of parameter ``p`` in the engine's flat partition."""
 
     # ------------------------------------------------------------------------------ read
     def read(self, ad: Adapter, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
