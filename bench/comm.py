@@ -1,10 +1,10 @@
 """Communication of one Riemannion step under FSDP2 / ZeRO, next to the engine's own traffic.
 
-Computed part (Llama-3-8B adapters on q, k, v, up, down of 32 layers; r = 8…64; world 8…1024):
-the optimizer's bytes per step from the same shape model the tests check against the live counters
-(``riemann_zero.zero_comm.step_bytes``), next to (a) the engine's gradient reduction plus parameter
-all-gather for the adapters and (b) a design that gathers every full factor (m×2r, n×2r) before
-stepping. Measured part (``--measure``): a tiny Llama on gloo with world 2–4 under FSDP2 and
+Computed part (Llama-3-8B adapters on q, k, v, up, down of 32 layers; r = 8…64; world 8…1024): the
+optimizer's bytes per step from the same shape model the tests check against the live counters
+(``riemann_zero.sharding.accounting.step_bytes``), next to (a) the engine's gradient reduction plus
+parameter all-gather for the adapters and (b) a design that gathers every full factor (m×2r, n×2r)
+before stepping. Measured part (``--measure``): a tiny Llama on gloo with world 2–4 under FSDP2 and
 ZeRO-3, the optimizer's own counters after one step, and the prediction for the same shapes.
 
 Bytes are payloads: what one rank hands to the collective per step (a ring all-reduce moves about
@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from riemann_zero.zero_comm import engine_grad_bytes, gather_factor_bytes, step_bytes  # noqa: E402
+from riemann_zero.sharding.accounting import engine_grad_bytes, gather_factor_bytes, step_bytes  # noqa: E402
 
 # Llama-3-8B: hidden 4096, 8 KV heads × 128, MLP 14336, 32 layers. (m = out, n = in)
 LLAMA3_8B = [(4096, 4096), (1024, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
@@ -102,7 +102,7 @@ def _rank(rank: int, world: int, port: int, engine: str, r: int, queue) -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
-        from riemann_zero.distributed import fsdp_placement
+        from riemann_zero import fsdp_placement
 
         dist.init_process_group("gloo", rank=rank, world_size=world)
         place = fsdp_placement(model)

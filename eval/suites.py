@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from riemann_zero.prompts import COMMONSENSE_TASKS
+from riemann_zero.data.prompts import COMMONSENSE_TASKS
 
 __all__ = ["TASKS_DIR", "Column", "SUITES", "SECTIONS", "SHORT", "COMMONSENSE_TASKS",
            "PROTOCOL_A", "PROTOCOL_B", "suite_tasks", "gen_task_name"]

@@ -56,7 +56,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from riemann_zero.train import cli  # noqa: E402
+from riemann_zero.train.cli import cli  # noqa: E402
 
 sys.exit(cli(sys.argv[1:]))
 # ' <- closes, for bash -n, the quote that the triple quote above opens in bash

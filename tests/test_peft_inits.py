@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from riemann_zero.peft_inits import INITIAL_ATTR, peft_init_model
-from riemann_zero.train_loop import _write_peft_adapter
+from riemann_zero.adapters.export import save_peft_adapter
+from riemann_zero.adapters.inits import INITIAL_ATTR, peft_init_model
 
 R = 4
 
@@ -69,7 +69,7 @@ def test_init_keeps_outputs_and_adapter_loads_on_original_base(tmp_path, method)
     trained = _logits(model, ids)
     assert (trained - before).abs().max() > 1e-3  # training moved the model
 
-    _write_peft_adapter(model, tmp_path / "adapter", None)
+    save_peft_adapter(model, tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 2 * R and cfg["init_lora_weights"] is True
     loaded = PeftModel.from_pretrained(original, str(tmp_path / "adapter")).eval()

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from riemann_zero import assets  # noqa: E402
-from riemann_zero.prompts import (  # noqa: E402
+from riemann_zero.data.prompts import (  # noqa: E402
     ALPACA_TEMPLATE,
     COMMONSENSE_TASKS,
     EVAL_SPLIT,

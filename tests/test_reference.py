@@ -1,5 +1,5 @@
-"""The dense oracle itself (riemann_zero.reference) against first-principles definitions, so that
-the geometry and optimizer tests that trust it rest on something checked.
+"""The dense oracle itself (riemann_zero.manifold.reference) against first-principles definitions,
+so that the geometry and optimizer tests that trust it rest on something checked.
 
 Tolerance 1e-10: each check is a few fp64 SVDs/matmuls of ≤ 12×12 matrices (errors ~1e-15).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from riemann_zero import reference as ref
+from riemann_zero.manifold import reference as ref
 
 F64 = torch.float64
 TOL = 1e-10

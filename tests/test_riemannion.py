@@ -17,8 +17,8 @@ import torch
 from peft import LoraConfig
 
 import riemann_zero as rz
-from riemann_zero import reference as ref
-from riemann_zero.layout import set_point
+from riemann_zero.adapters.layout import set_point
+from riemann_zero.manifold import reference as ref
 
 F64 = torch.float64
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]

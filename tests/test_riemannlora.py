@@ -8,7 +8,7 @@ import torch
 from test_riemannion import TOL, backward, bases, batch, build, points, rel
 
 import riemann_zero as rz
-from riemann_zero import reference as ref
+from riemann_zero.manifold import reference as ref
 
 
 def dense_sgd(u, v, x, g, mom, *, lr, beta, wd):

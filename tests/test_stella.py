@@ -13,8 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from riemann_zero import assets
-from riemann_zero.stella import StelLA, stella_init
+from riemann_zero import StelLA, assets, stella_init
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the published recipe's
 SEQ = 32

@@ -18,7 +18,7 @@ __all__ = [
     "mbpp_results",
 ]
 
-DEFAULT_TEMPLATE = "chat"  # riemann_zero.recipe.DataConfig.template's default
+DEFAULT_TEMPLATE = "chat"  # riemann_zero.train.recipe.DataConfig.template's default
 
 
 def load(name: str, **metadata: Any):
@@ -32,7 +32,7 @@ def load_commonsense_gen(name: str, template: str | None = None, pretrained: str
 
     Args:
         name: ``gen_<LLM-Adapters task>``.
-        template: ``"chat"`` or ``"alpaca"`` (``riemann_zero.prompts.render_prompt``); from
+        template: ``"chat"`` or ``"alpaca"`` (``riemann_zero.data.prompts.render_prompt``); from
             ``--metadata '{"template": ...}'`` on lm-eval's CLI, else ``DEFAULT_TEMPLATE``.
         pretrained: the model path (lm-eval passes its model arguments as metadata); its
             tokenizer renders the chat template.
@@ -40,7 +40,7 @@ def load_commonsense_gen(name: str, template: str | None = None, pretrained: str
     """
     import datasets
 
-    from riemann_zero.prompts import render_prompt
+    from riemann_zero.data.prompts import render_prompt
 
     template = template or DEFAULT_TEMPLATE
     tok = None
@@ -61,7 +61,7 @@ def load_commonsense_gen(name: str, template: str | None = None, pretrained: str
 
 def commonsense_gen_results(doc: dict, results: list[str]) -> dict[str, float]:
     """First-match extraction (``prompts.extract_answer``): accuracy and answered rate."""
-    from riemann_zero.prompts import extract_answer
+    from riemann_zero.data.prompts import extract_answer
 
     pred = extract_answer(doc["task"], results[0])
     return {"acc": float(pred == doc["label"]), "answered": float(pred is not None)}

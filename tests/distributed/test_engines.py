@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from riemann_zero.zero_comm import step_bytes
+from riemann_zero.sharding.accounting import step_bytes
 
 WORKER = Path(__file__).with_name("worker.py")
 sys.path.insert(0, str(WORKER.parent))

@@ -101,7 +101,7 @@ def _ds_config(stage: int, gas: int) -> dict:
 def _loi(model, world: int, rank: int) -> None:
     """LOI on this rank's share of the calibration batches, sketches summed over ranks."""
     import riemann_zero as rz
-    from riemann_zero.distributed import sketch_reduce
+    from riemann_zero import sketch_reduce
 
     batches = [b[rank * PER_RANK:(rank + 1) * PER_RANK] for b in calibration(world)]
     rz.loi_init(model, [{"input_ids": b, "labels": b} for b in batches], reduce=sketch_reduce())
@@ -114,7 +114,7 @@ def _zero3_shift(spec: dict, rank: int, out: Path, name: str) -> None:
     import torch.distributed as dist
 
     import riemann_zero as rz
-    from riemann_zero.distributed import shift_base
+    from riemann_zero.sharding.params import shift_base
 
     model = build(spec["r"])
     gen = torch.Generator().manual_seed(3)
@@ -164,7 +164,7 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     elif engine == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        from riemann_zero.distributed import fsdp_placement
+        from riemann_zero import fsdp_placement
 
         place = fsdp_placement(model)
         for layer in model.base_model.model.model.layers:

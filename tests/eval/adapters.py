@@ -17,7 +17,8 @@ TRAIN_TASKS = ("piqa",)
 
 
 def _examples(tokenizer, per_task: int, seed: int) -> list[tuple[str, str]]:
-    from riemann_zero import assets, prompts
+    from riemann_zero import assets
+    from riemann_zero.data import prompts
 
     rng = random.Random(seed)
     out = []

@@ -72,3 +72,28 @@ def test_base_model_not_available_offline(foreign_adapter, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="not a local directory.*pass --base"):
         checks.resolve(adapter)
+
+
+def test_help_returns_without_importing_torch():
+    """``python -m eval --help`` parses its arguments before any heavy import: it prints the
+    usage with every suite and exits 0, and torch was never imported (a fresh interpreter)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import runpy, sys\n"
+            "sys.argv = ['eval', '--help']\n"
+            "try:\n    runpy.run_module('eval', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: python -m eval" in out.stdout and "commonsense" in out.stdout
+    assert out.stdout.strip().endswith("NO_TORCH"), out.stdout[-200:]
+
+
+def test_suite_names_listed_in_help_are_the_suites():
+    from eval import SUITE_NAMES, suites
+
+    assert tuple(SUITE_NAMES) == tuple(suites.SUITES)

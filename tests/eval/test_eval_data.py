@@ -60,7 +60,8 @@ def test_every_task_builds_requests_for_its_first_document(task_manager):
 def test_protocol_b_prompt_is_the_training_prompt(base_model, task_manager):
     from transformers import AutoTokenizer
 
-    from riemann_zero import assets, prompts
+    from riemann_zero import assets
+    from riemann_zero.data import prompts
 
     task = _load(["rz_gen_piqa"], task_manager)["rz_gen_piqa"]
     doc = next(iter(task.test_docs()))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from riemann_zero import checkpoint as ckpt
+from riemann_zero.train import checkpoint as ckpt
 
 
 def _save(root, step, *, keep_last=2, fail=False):

@@ -48,6 +48,9 @@ def test_deepspeed_launcher_zero2_two_processes(tmp_path):
     evals = [r["eval_loss"] for r in rows if "eval_loss" in r]
     assert len(train) == 16 and len(evals) == 3  # steps 0, 8 and 16
     assert all("manifold/orth_err_U" in r for r in rows if "loss" in r)
+    # the optimizer's own bytes per step: under ZeRO-2 m-side Grams and the n-side gather
+    assert all(r["comm/all_reduce.gram_m"] > 0 and r["comm/all_reduce.gather_n"] > 0
+               for r in rows if "loss" in r)
     # Loss decreases: held-out eval loss (no dropout, fixed set) at the end below the start, and
     # the last four training losses below the first four (single batches are noisy).
     assert evals[-1] < evals[0] - 0.1, evals

@@ -66,3 +66,35 @@ def test_fsdp2_torchrun_trains_saves_and_resumes(tmp_path, recipe):
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.numel() > 0 for p in lora_b)
     assert any(float(p.abs().max()) > 0 for p in lora_b)  # trained, not the zero init
+
+
+def test_fsdp2_driver_places_lora_a_on_columns_and_logs_gram_only_bytes(tmp_path):
+    """Regression: the driver's FSDP2 engine used to call ``fully_shard`` without
+    ``fsdp_placement``, so every real ``engine=fsdp2`` run gathered the n side (3·r·n floats per
+    adapter and step). Now lora_A is on Shard(1) and the optimizer's own bytes, logged per step in
+    metrics.jsonl, equal the Gram-only prediction exactly (integers: no tolerance), with no
+    ``gather_n`` key."""
+    from transformers import AutoConfig
+
+    from riemann_zero import assets
+    from riemann_zero.sharding.accounting import step_bytes
+    from riemann_zero.train.recipe import load_recipe
+
+    out = tmp_path / "run"
+    proc = _torchrun("smollm2_commonsense.yaml", out, "max_steps=2", "train.save_every=0",
+                     "init.method=zero", "data.eval_limit=0")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    cfg = AutoConfig.from_pretrained(assets.smollm2(layers=4))
+    r = load_recipe(REPO / "recipes" / "smollm2_commonsense.yaml").lora.r
+    head = cfg.hidden_size // cfg.num_attention_heads
+    per_layer = [(cfg.hidden_size, cfg.hidden_size, r),  # q_proj
+                 (cfg.num_key_value_heads * head, cfg.hidden_size, r)]  # v_proj
+    predicted = dict(step_bytes(per_layer * cfg.num_hidden_layers, "fsdp2", world=2))
+    assert set(predicted) == {"all_reduce.gram_m", "all_reduce.gram_n"}
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2
+    for row in steps:
+        logged = {k.removeprefix("comm/"): v for k, v in row.items() if k.startswith("comm/")}
+        assert logged == predicted, row
+        assert "manifold/orth_err_U" in row and row["manifold/orth_err_U"] < 1e-5

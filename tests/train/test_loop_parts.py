@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from riemann_zero.recipe import load_recipe
-from riemann_zero.train import batch_order, lr_lambda, parse_args
+from riemann_zero.train.build import batch_order, lr_lambda
+from riemann_zero.train.cli import parse_args
+from riemann_zero.train.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,7 +81,7 @@ def _tiny_peft(seed=0):
 
 @pytest.mark.parametrize("name", ["adamw", "muon", "rprec_adamw"])
 def test_baselines_step_and_round_trip(name):
-    from riemann_zero.baselines import build_baseline_optimizer
+    from riemann_zero.optim.baselines import build_baseline_optimizer
 
     model = _tiny_peft()
     opt = build_baseline_optimizer(name, model, lr=1e-2, weight_decay=0.01)
@@ -109,7 +110,7 @@ def test_baselines_step_and_round_trip(name):
 
 
 def test_rprec_is_peft_riemannian_optimizer():
-    from riemann_zero.baselines import build_baseline_optimizer
+    from riemann_zero.optim.baselines import build_baseline_optimizer
 
     opt = build_baseline_optimizer("rprec_adamw", _tiny_peft(), lr=1e-3)
     assert type(opt).__name__ == "RiemannianPreconditionedOptimizer"
@@ -117,7 +118,7 @@ def test_rprec_is_peft_riemannian_optimizer():
 
 
 def test_muon_takes_only_lora_matrices():
-    from riemann_zero.baselines import CombinedOptimizer, build_baseline_optimizer
+    from riemann_zero.optim.baselines import CombinedOptimizer, build_baseline_optimizer
 
     model = _tiny_peft()
     model.base_model.model.model.norm.weight.requires_grad_(True)  # a 1-D trainable extra

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from riemann_zero.preflight import preflight
-from riemann_zero.recipe import RecipeError, load_recipe
+from riemann_zero.train.preflight import preflight
+from riemann_zero.train.recipe import RecipeError, load_recipe
 
 TINY = "asset:smollm2:4"
 
@@ -50,17 +50,19 @@ def test_target_module_absent(tmp_path, no_weights):
         preflight(_recipe(tmp_path, "lora.target_modules=q_projj,v_proj"))
 
 
-def test_rank_not_below_layer_width(tmp_path, no_weights):
-    # SmolLM2: k_proj is 192 x 576 (3 KV heads of 64), so r = 192 does not fit it.
-    with pytest.raises(RecipeError, match=r"lora.r=192 does not fit .*k_proj \(192x576\)"):
-        preflight(_recipe(tmp_path, "lora.r=192", "lora.target_modules=k_proj"))
+def test_rank_above_layer_width(tmp_path, no_weights):
+    # SmolLM2: k_proj is 192 x 576 (3 KV heads of 64), so r = 193 does not fit it (r = 192 does:
+    # tests/train/test_registry.py).
+    with pytest.raises(RecipeError, match=r"lora.r=193 does not fit .*k_proj \(192x576\)"):
+        preflight(_recipe(tmp_path, "lora.r=193", "lora.target_modules=k_proj",
+                          "init.method=zero"))
 
 
 def test_output_dir_holding_another_run(tmp_path, no_weights):
     run = tmp_path / "run"
     run.mkdir()
     other = _recipe(tmp_path, "optimizer.lr=0.5")
-    from riemann_zero.recipe import recipe_to_dict
+    from riemann_zero.train.recipe import recipe_to_dict
 
     (run / "run.json").write_text(json.dumps({"recipe": recipe_to_dict(other),
                                               "status": "running"}))
@@ -101,7 +103,7 @@ def test_baselines_that_need_stage_0(tmp_path, no_weights):
 
 
 def test_cli_prints_one_line_error_before_loading(tmp_path, no_weights, monkeypatch, capsys):
-    from riemann_zero import train
+    from riemann_zero.train import cli as train
 
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", OMP_NUM_THREADS="2").items():
         monkeypatch.setenv(key, value)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from riemann_zero.preflight import preflight
-from riemann_zero.recipe import RecipeError, load_recipe, recipe_to_dict
+from riemann_zero.train.preflight import preflight
+from riemann_zero.train.recipe import RecipeError, load_recipe, recipe_to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

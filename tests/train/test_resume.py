@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from riemann_zero.train import STOP_EXIT_CODE
+from riemann_zero.train.cli import STOP_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = str(REPO / "recipes" / "smollm2_commonsense.yaml")

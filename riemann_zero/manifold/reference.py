@@ -1,7 +1,9 @@
 """Dense float64 reference of the fixed-rank geometry and of one Riemannion step.
 
 Obviously correct and slow: it materialises X, G and every tangent vector as m×n matrices. It is
-the oracle of the tests and the readable specification of ``geometry`` and ``riemannion``.
+the oracle of the tests and the readable specification of :mod:`riemann_zero.manifold.fixed_rank`,
+:mod:`riemann_zero.manifold.span` and :class:`riemann_zero.Riemannion`. It imports nothing of the
+package.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""The training loop behind ``riemann_zero.train``: engines, steps, metrics, eval, checkpoints.
+"""The training loop behind ``python -m riemann_zero.train``: data, model, engine, steps, metrics,
+eval loss, checkpoints, the exported adapter.
 
-Two engines expose the same four calls (forward, ``backward``, ``step`` at each micro-batch,
-``save``/``load``): DeepSpeed (any ZeRO stage, from the recipe's ``deepspeed:`` block) and FSDP2
-(``fully_shard`` on every decoder layer, then on the whole model; started by torchrun).
+Every logged step writes one line to ``metrics.jsonl`` (rank 0): loss, lr, tokens, tokens/s, step
+and optimizer time, epoch; for optimizers whose registry row says so, the manifold health
+(``manifold/orth_err_U`` …, a collective, so computed on logged steps only); and for the manifold
+optimizers their own communication of that step, bytes by collective (``comm/all_reduce.gram_m``
+…, the keys of ``last_step_comm``).
 """
 
 from __future__ import annotations
@@ -16,155 +19,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from riemann_zero import checkpoint as ckpt
-from riemann_zero.preflight import Plan
-from riemann_zero.recipe import MANIFOLD_OPTIMIZERS, Recipe
+from riemann_zero.adapters.export import save_adapter, save_peft_adapter
+from riemann_zero.data.examples import load_examples
+from riemann_zero.data.tokens import Collator, tokenize
+from riemann_zero.io import write_json
+from riemann_zero.optim.base import manifold_health
+from riemann_zero.train import checkpoint as ckpt
+from riemann_zero.train import registry
+from riemann_zero.train.build import (
+    batch_order,
+    build_model,
+    build_optimizer,
+    deepspeed_config,
+    lr_lambda,
+)
+from riemann_zero.train.engines import DeepSpeedEngine, FSDP2Engine
+from riemann_zero.train.preflight import Plan
+from riemann_zero.train.recipe import Recipe
 
-__all__ = ["run_training", "DeepSpeedEngine", "FSDP2Engine"]
+__all__ = ["run_training"]
 
 
 def _log(rank: int, msg: str) -> None:
     if rank == 0:
         print(f"[riemann_zero] {msg}", flush=True)
-
-
-class DeepSpeedEngine:
-    """``deepspeed.initialize`` with the client optimizer and a LambdaLR on its param groups."""
-
-    def __init__(self, model, optimizer, lr_fn, ds_config: dict[str, Any]) -> None:
-        import deepspeed
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-            dist_init_required=False)
-        self.client_optimizer = optimizer
-        self.module = self.engine.module
-        self.device = self.engine.device
-        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
-
-    def __call__(self, **batch):
-        return self.engine(**batch)
-
-    def backward(self, loss) -> None:
-        self.engine.backward(loss)
-
-    def step(self) -> None:
-        self.engine.step()  # steps optimizer and scheduler at accumulation boundaries only
-
-    def train(self, mode: bool = True) -> None:
-        self.engine.train(mode)
-
-    def lr(self) -> float:
-        return float(self.client_optimizer.param_groups[0]["lr"])
-
-    def io(self, exclude_frozen: bool):
-        return ckpt.deepspeed_io(self.engine, exclude_frozen=exclude_frozen)
-
-    def gathered(self, params):
-        """Context that makes ZeRO-3-partitioned parameters whole (identity below stage 3)."""
-        import contextlib
-
-        import deepspeed
-
-        if self.stage < 3:
-            return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-
-class FSDP2Engine:
-    """FSDP2 (``fully_shard``) with manual gradient accumulation and clipping."""
-
-    def __init__(self, model, make_optimizer, lr_fn, grad_accum: int, clip: float,
-                 device: torch.device) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-        for layer in layers:
-            fully_shard(layer)
-        fully_shard(model)
-        self.module = model
-        self.optimizer = make_optimizer(model)
-        self.client_optimizer = self.optimizer
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
-        self.grad_accum, self.clip, self.device = grad_accum, clip, device
-        self.micro = 0
-
-    def __call__(self, **batch):
-        last = (self.micro + 1) % self.grad_accum == 0
-        self.module.set_requires_gradient_sync(last)
-        return self.module(**batch)
-
-    def backward(self, loss) -> None:
-        (loss / self.grad_accum).backward()
-
-    def step(self) -> None:
-        self.micro += 1
-        if self.micro % self.grad_accum:
-            return
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.module.parameters() if p.grad is not None], self.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    def train(self, mode: bool = True) -> None:
-        self.module.train(mode)
-
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
-
-    def io(self, exclude_frozen: bool):
-        import torch.distributed.checkpoint as dcp
-
-        # Manifold optimizers stay out of torch.distributed.checkpoint's optimizer path: it keeps
-        # only torch.optim's state/param_groups (dropping the per-adapter momentum and masters)
-        # and, finding torch.optim's state empty, runs a dummy zero-lr step() to initialise it,
-        # which would decay the momentum. Their own state_dict() (this rank's rows) is saved per
-        # rank instead; the model goes through DCP.
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_state_dict,
-            set_model_state_dict,
-            set_state_dict,
-        )
-
-        manifold = hasattr(self.optimizer, "adapter_state_dict")
-        per_rank = f"optimizer_rank{dist.get_rank()}.pt"
-
-        def write(directory: Path) -> None:
-            if manifold:
-                dcp.save({"model": get_model_state_dict(self.module)},
-                         checkpoint_id=str(directory))
-                torch.save(self.optimizer.state_dict(), directory / per_rank)
-            else:
-                msd, osd = get_state_dict(self.module, self.optimizer)
-                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
-            if dist.get_rank() == 0:
-                torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
-
-        def read(directory: Path) -> None:
-            if manifold:
-                state = {"model": get_model_state_dict(self.module)}
-                dcp.load(state, checkpoint_id=str(directory))
-                set_model_state_dict(self.module, state["model"])
-                self.optimizer.load_state_dict(
-                    torch.load(directory / per_rank, weights_only=False))
-            else:
-                msd, osd = get_state_dict(self.module, self.optimizer)
-                state = {"model": msd, "optim": osd}
-                dcp.load(state, checkpoint_id=str(directory))
-                set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                               optim_state_dict=state["optim"])
-            self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
-
-        return write, read
-
-    def gathered(self, params):
-        import contextlib
-
-        return contextlib.nullcontext()
 
 
 def _collate(items: list[dict], idx: list[int], collator, device) -> dict:
@@ -200,9 +78,12 @@ def _eval_loss(eng, items, collator, recipe: Recipe, rank: int, world: int) -> f
 
 def _health(optimizer) -> dict[str, float]:
     """Manifold health from the optimizer's own (possibly sharded) factors; collective."""
-    import riemann_zero as rz
+    return {f"manifold/{k}": float(v) for k, v in manifold_health(optimizer).items()}
 
-    return {f"manifold/{k}": float(v) for k, v in rz.manifold_health(optimizer).items()}
+
+def _comm(optimizer) -> dict[str, int]:
+    """The optimizer's own bytes of the last step, by collective (empty on one process)."""
+    return {f"comm/{k}": int(v) for k, v in getattr(optimizer, "last_step_comm", {}).items()}
 
 
 def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: bool,
@@ -211,16 +92,6 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     import deepspeed
     from tqdm import tqdm
     from transformers import AutoTokenizer, set_seed
-
-    from riemann_zero import data as rzdata
-    from riemann_zero.train import (
-        batch_order,
-        build_model,
-        build_optimizer,
-        deepspeed_config,
-        lr_lambda,
-        write_json,
-    )
 
     t0 = time.perf_counter()
     backend = "gloo" if on_cpu else "nccl"
@@ -245,17 +116,17 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     dc = recipe.data
     if dc.eval_split == "holdout":  # the first eval_limit shuffled examples never train
         limit = None if dc.train_limit is None else dc.train_limit + dc.eval_limit
-        pool = rzdata.load_examples(dc.train, split="train", limit=limit, seed=recipe.seed)
+        pool = load_examples(dc.train, split="train", limit=limit, seed=recipe.seed)
         eval_ex, train_ex = pool[:dc.eval_limit], pool[dc.eval_limit:]
     else:
-        train_ex = rzdata.load_examples(dc.train, split="train", limit=dc.train_limit,
+        train_ex = load_examples(dc.train, split="train", limit=dc.train_limit,
                                         seed=recipe.seed)
-        eval_ex = rzdata.load_examples(dc.eval or dc.train, split="eval", limit=dc.eval_limit,
+        eval_ex = load_examples(dc.eval or dc.train, split="eval", limit=dc.eval_limit,
                                        seed=recipe.seed) if dc.eval_limit else []
     tok_kw = {"template": dc.template, "max_length": dc.max_length}
-    train_items = rzdata.tokenize(train_ex, tokenizer, packing=dc.packing, **tok_kw)
-    eval_items = rzdata.tokenize(eval_ex, tokenizer, **tok_kw) if eval_ex else []
-    collator = rzdata.Collator(tokenizer)
+    train_items = tokenize(train_ex, tokenizer, packing=dc.packing, **tok_kw)
+    eval_items = tokenize(eval_ex, tokenizer, **tok_kw) if eval_ex else []
+    collator = Collator(tokenizer)
     mb, gas = recipe.train.micro_batch_size, plan.grad_accum
     micro_per_epoch = len(batch_order(len(train_items), seed=recipe.seed, epoch=0, rank=rank,
                                       world=world, micro=mb))
@@ -279,7 +150,8 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     model = build_model(recipe, plan, calibration, device,
                         reduce=(lambda t: dist.all_reduce(t)) if world > 1 else None, world=world)
     set_seed(recipe.seed + 1 + rank)  # then independent dropout masks per rank
-    manifold = recipe.optimizer.name in MANIFOLD_OPTIMIZERS
+    row = registry.spec(recipe.optimizer.name)
+    manifold = row.layout == "manifold"
     _log(rank, f"model ready ({time.perf_counter() - t0:.0f} s): {recipe.init.method} init")
     lr_fn = lr_lambda(recipe, total)
     if recipe.engine == "deepspeed":
@@ -287,7 +159,7 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
                               deepspeed_config(recipe, plan, world))
     else:
         eng = FSDP2Engine(model, lambda m: build_optimizer(recipe, m), lr_fn, gas,
-                          recipe.train.gradient_clipping, device)
+                          recipe.train.gradient_clipping, device, manifold=manifold)
 
     _log(rank, f"{recipe.engine} engine ready ({time.perf_counter() - t0:.0f} s)")
     # Resume: the engine's state, then this rank's loop state and RNG streams.
@@ -352,9 +224,10 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         record = {"step": step, "loss": loss_val, "lr": lr, "tokens": tokens_all,
                   "tokens_per_s": tokens_all / step_time, "step_time_s": step_time,
                   "optim_time_s": optim_time, "epoch": (step * gas) / micro_per_epoch}
-        if manifold:
-            record.update(_health(eng.client_optimizer))
-        if step % recipe.train.log_every == 0 or step == total:
+        if step % recipe.train.log_every == 0 or step == total:  # the same steps on every rank
+            if row.health:
+                record.update(_health(eng.client_optimizer))
+            record.update(_comm(eng.client_optimizer))
             emit(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}")
@@ -384,9 +257,7 @@ def _save_adapter(eng, out_dir: Path, *, manifold: bool, rank: int) -> None:
     """A stock PEFT adapter relative to the original base (after LOI, PiSSA or LoRA-GA too)."""
     module = eng.module
     if manifold:
-        import riemann_zero as rz
-
-        rz.save_adapter(module, out_dir)  # collective under ZeRO-3/FSDP2; rank 0 writes
+        save_adapter(module, out_dir)  # collective under ZeRO-3/FSDP2; rank 0 writes
         return
     state = None
     if isinstance(eng, FSDP2Engine):
@@ -397,18 +268,4 @@ def _save_adapter(eng, out_dir: Path, *, manifold: bool, rank: int) -> None:
     lora = [p for n, p in module.named_parameters() if "lora_" in n]
     with eng.gathered(lora):
         if rank == 0:
-            _write_peft_adapter(module, out_dir, state)
-
-
-def _write_peft_adapter(module, out_dir: Path, state: dict | None) -> None:
-    """``save_pretrained``, converted when the init moved the base, written atomically."""
-    from riemann_zero.checkpoint import write_dir_atomically
-    from riemann_zero.peft_inits import INITIAL_ATTR, save_relative_to_original
-
-    def build(tmp: Path) -> None:
-        module.save_pretrained(str(tmp), state_dict=state)
-        initial = getattr(module, INITIAL_ATTR, None)
-        if initial is not None:  # PiSSA / LoRA-GA moved the base weight
-            save_relative_to_original(tmp, initial)
-
-    write_dir_atomically(out_dir, build)
+            save_peft_adapter(module, out_dir, state_dict=state)

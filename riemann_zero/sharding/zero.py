@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .distributed import CountingAllReduce
-from .layout import Adapter
+from riemann_zero.sharding.comm import CountingAllReduce, gather_lora_a
+from riemann_zero.sharding.params import AdapterLike, zero3_chunk
 
 __all__ = ["ZeroFlatShards", "Zero3Shards", "Fragment", "owned_rows"]
 
@@ -75,7 +75,7 @@ class _FlatShards(abc.ABC):
 
     reduce_n = None
 
-    def __init__(self, adapters: list[Adapter], group) -> None:
+    def __init__(self, adapters: list[AdapterLike], group) -> None:
         self.comm: Counter[str] = Counter()
         self.setup_comm: Counter[str] = Counter()
         self.group = group
@@ -99,12 +99,12 @@ class _FlatShards(abc.ABC):
         """This rank's slice of parameter ``p`` in the engine's flat partition."""
 
     # ------------------------------------------------------------------------------ read
-    def read(self, ad: Adapter, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def read(self, ad: AdapterLike, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         b, gb = self._read_rows(ad)
         at, gat = self._gather_n(ad)
         return b, gb, at, gat
 
-    def _read_rows(self, ad: Adapter) -> tuple[Tensor, Tensor]:
+    def _read_rows(self, ad: AdapterLike) -> tuple[Tensor, Tensor]:
         c = 2 * ad.r
         f = self._fragment(ad.lora_B)
         first, end, head = owned_rows(f.start, f.numel, c)
@@ -132,24 +132,14 @@ class _FlatShards(abc.ABC):
             self._slots[ad.name] = slots
         return b.view(rows, c), gb.view(rows, c)
 
-    def _gather_n(self, ad: Adapter) -> tuple[Tensor, Tensor]:
-        r, n = ad.r, ad.n
+    def _gather_n(self, ad: AdapterLike) -> tuple[Tensor, Tensor]:
         f = self._fragment(ad.lora_A)
-        size = 2 * r * n
-        buf = torch.zeros(size + r * n, device=self.device)
-        if f.numel > 0:
-            buf[f.start: f.start + f.numel] = f.value
-            lo, hi = max(f.start, r * n), min(f.start + f.numel, size)
-            if hi > lo:  # gradient of the K rows (the last r rows of lora_A)
-                buf[size + lo - r * n: size + hi - r * n] = f.grad()[lo - f.start: hi - f.start]
-        buf = self._gather(buf)
-        a = buf[:size].view(2 * r, n)
-        ga = torch.cat([buf.new_zeros(r, n), buf[size:].view(r, n)])
-        return a.mT, ga.mT
+        return gather_lora_a(ad.r, ad.n, f.start, f.value, f.grad() if f.numel else None,
+                             self._gather, dtype=torch.float32, device=self.device)
 
     # ----------------------------------------------------------------------------- write
     @torch.no_grad()
-    def write(self, ad: Adapter, state: dict, b: Tensor, at: Tensor) -> None:
+    def write(self, ad: AdapterLike, state: dict, b: Tensor, at: Tensor) -> None:
         c = 2 * ad.r
         f = self._fragment(ad.lora_B)
         first, end, head = owned_rows(f.start, f.numel, c)
@@ -174,7 +164,7 @@ class _FlatShards(abc.ABC):
 class ZeroFlatShards(_FlatShards):
     """ZeRO-1/2: fragments from ``p._hp_mapping`` (None: this rank holds nothing of p)."""
 
-    def __init__(self, adapters: list[Adapter], group: dict | None) -> None:
+    def __init__(self, adapters: list[AdapterLike], group: dict | None) -> None:
         if group is None or len(group["params"]) != 1:
             raise ValueError("ZeRO-1/2: expected the manifold param group to hold one flat fp32 "
                              "partition at step time; pass this optimizer to deepspeed.initialize "
@@ -201,7 +191,7 @@ class Zero3Shards(_FlatShards):
     """ZeRO-3: fragment = this rank's ``ds_tensor`` chunk; fp32 master and gradient from the
     optimizer's flat sub-group partition (all adapters must live in one sub-group)."""
 
-    def __init__(self, adapters: list[Adapter]) -> None:
+    def __init__(self, adapters: list[AdapterLike]) -> None:
         opt = adapters[0].lora_B._z3_optimizer
         self.opt = opt
         self.device = opt.fp32_partitioned_groups_flat[0].device
@@ -216,9 +206,9 @@ class Zero3Shards(_FlatShards):
         super().__init__(adapters, adapters[0].lora_B.ds_process_group)
 
     def _fragment(self, p: Tensor) -> Fragment:
-        gid, offset, chunk = self.opt.grad_position[self.opt.get_param_id(p)]
-        start = self.rank * chunk
-        numel = max(0, min(chunk, p.ds_numel - start))
+        gid, offset, _ = self.opt.grad_position[self.opt.get_param_id(p)]
+        start, stop = zero3_chunk(p)
+        numel = max(0, stop - start)
         flat = self.opt.fp32_partitioned_groups_flat[gid]
         if numel == 0:
             return Fragment(start, 0, None, flat, offset)

@@ -10,10 +10,10 @@ import math
 
 from torch import Tensor, nn
 
-from . import geometry as geo
-from . import span
-from .layout import Adapter
-from .manifold_optimizer import ManifoldOptimizer
+from riemann_zero.adapters.layout import Adapter
+from riemann_zero.manifold import fixed_rank as geo
+from riemann_zero.manifold import span
+from riemann_zero.optim.base import ManifoldOptimizer, adamw_group
 
 __all__ = ["Riemannion"]
 
@@ -79,9 +79,9 @@ class Riemannion(ManifoldOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ortho=ortho,
                         ns_steps=ns_steps, ortho_eps=ortho_eps, momentum_buffer=momentum_buffer,
                         lr_scale=lr_scale)
-        adamw = dict(lr=lr if adamw_lr is None else adamw_lr, betas=tuple(adamw_betas),
-                     eps=adamw_eps, weight_decay=adamw_weight_decay)
-        super().__init__(model, defaults, adamw, params)
+        super().__init__(model, defaults,
+                         adamw_group(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
+                         params)
 
     def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
                 states: list[dict], shards) -> geo.Point:
@@ -102,6 +102,4 @@ class Riemannion(ManifoldOptimizer):
         new, w1, z1 = span.truncate(sp, decay * c_x - lr_step * c_d, x.U.shape[-1])
         keep = c_m if group["momentum_buffer"] == "raw" else c_d
         self._put_tangent(states, "momentum", span.transport(sp, keep, w1, z1))
-        for st in states:
-            st["step"] = st.get("step", 0) + 1
         return new

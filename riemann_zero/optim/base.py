@@ -1,7 +1,10 @@
 """Shared machinery of the manifold optimizers: param groups, batching by shape, state, AdamW group.
 
-Subclasses implement ``_update(group, x, g_u, g_k, states, shards) -> Point``: the algorithm on one
-batch of same-shaped adapters, written with ``riemann_zero.geometry`` only.
+Subclasses implement ``_update(group, bucket, x, g_u, g_k, states, shards) -> Point``: the
+algorithm on one batch of same-shaped adapters, written with :mod:`riemann_zero.manifold` only.
+The base class counts steps (``state["step"]`` per adapter, before ``_update`` runs), reads and
+writes the rows through the sharding layer, and steps the other trainable parameters with the one
+AdamW update of :mod:`riemann_zero.optim.adamw`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from collections import Counter, defaultdict
 import torch
 from torch import Tensor, nn
 
-from . import geometry as geo
-from . import span
-from .checkpoint import keep_state_dtypes
-from .distributed import resolve_shards
-from .layout import Adapter, find_adapters
+from riemann_zero.adapters.layout import Adapter, find_adapters
+from riemann_zero.linalg import orthonormalize, reduce_sum
+from riemann_zero.manifold import fixed_rank as geo
+from riemann_zero.manifold import span
+from riemann_zero.optim.adamw import adamw_update_
+from riemann_zero.sharding.shards import resolve_shards
 
-__all__ = ["ManifoldOptimizer"]
+__all__ = ["ManifoldOptimizer", "adamw_group", "keep_state_dtypes", "manifold_health"]
 
 _log = logging.getLogger(__name__)
 
@@ -36,11 +40,19 @@ def _canonical(x: geo.Point, shards) -> geo.Point:
     orthonormal V spanning range K with K = V Σ.
     """
     rm, rn = shards.reduce_m, shards.reduce_n
-    q, rr, _, _ = geo._orthonormalize(x.U, None, rm)
-    v = geo._orthonormalize(x.V, None, rn)[0]
+    q, rr, _, _ = orthonormalize(x.U, None, rm)
+    v = orthonormalize(x.V, None, rn)[0]
     start = geo.Point(q, v, x.K @ rr.mT.to(x.K.dtype))
     zero = geo.Tangent(torch.zeros_like(start.U), torch.zeros_like(start.K))
     return geo.retract(start, zero, 1.0, rm, rn)
+
+
+def adamw_group(lr: float, adamw_lr: float | None, betas: tuple[float, float], eps: float,
+                weight_decay: float) -> dict:
+    """Hyper-parameters of the AdamW group of the non-adapter parameters (lr defaults to the
+    manifold group's)."""
+    return dict(lr=lr if adamw_lr is None else adamw_lr, betas=tuple(betas), eps=eps,
+                weight_decay=weight_decay)
 
 
 def _pad_rows(t: Tensor, rows: int) -> Tensor:
@@ -159,6 +171,8 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
             x = _canonical(x, shards)
             for st in states:
                 st["canonical"] = True
+        for st in states:
+            st["step"] = st.get("step", 0) + 1
         new = self._update(group, bucket, x, g_u, g_k, states, shards)
         b_new = torch.cat([torch.zeros_like(new.U), new.U], dim=-1)
         at_new = torch.cat([new.V, new.K], dim=-1)
@@ -192,26 +206,9 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
 
     # ------------------------------------------------------------------------------ AdamW
     def _adamw_step(self, group: dict) -> None:
-        beta1, beta2 = group["betas"]
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            st = self.state[p]
-            dtype = torch.promote_types(p.dtype, torch.float32)  # fp64 stays fp64, bf16 → fp32
-            if not st:
-                st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, dtype=dtype)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype)
-            st["step"] += 1
-            g = p.grad.to(dtype)
-            st["exp_avg"].lerp_(g, 1 - beta1)
-            st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bias1 = 1 - beta1 ** st["step"]
-            bias2 = 1 - beta2 ** st["step"]
-            denom = (st["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-            update = p.to(dtype).mul_(1 - group["lr"] * group["weight_decay"])
-            update.addcdiv_(st["exp_avg"], denom, value=-group["lr"] / bias1)
-            p.copy_(update)
+            adamw_update_(p, self.state[p], lr=group["lr"], betas=group["betas"],
+                          eps=group["eps"], weight_decay=group["weight_decay"])
 
     # ------------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
@@ -252,26 +249,61 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
     # --------------------------------------------------------------------------- health
     @torch.no_grad()
     def manifold_health(self) -> dict[str, float]:
-        """max ‖UᵀU − I‖_F, max ‖VᵀV − I‖_F, max ‖Z‖_F and mean ‖X‖_F (= ‖K‖_F) over adapters."""
+        """max ‖UᵀU − I‖_F, max ‖VᵀV − I‖_F, max ‖Z‖_F and mean ‖X‖_F (= ‖K‖_F) over adapters.
+
+        Collective under an engine (every rank calls it): one reduction per bucket, of the
+        stacked 2r×2r Grams BᵀB and AAᵀ (which hold UᵀU, ZᵀZ, VᵀV and KᵀK). Meant for logged
+        steps, not every step.
+        """
         shards = self._shards()
         orth_u = orth_v = z_norm = 0.0
-        x_norms = []
+        x_norms: list[float] = []
         for bucket in self._buckets(list(self.adapters)):
             r = bucket[0].r
-            for ad in bucket:
-                b, _, at, _ = shards.read(ad, self.adapter_state[ad.name])
-                eye = torch.eye(r, dtype=torch.float64)
-                gu = geo._gram(b[:, r:], b[:, r:], shards.reduce_m)
-                gv = geo._gram(at[:, :r], at[:, :r], shards.reduce_n)
-                kk = geo._gram(at[:, r:], at[:, r:], shards.reduce_n)
-                zz = geo._gram(b[:, :r], b[:, :r], shards.reduce_m)
-                orth_u = max(orth_u, float((gu - eye).norm()))
-                orth_v = max(orth_v, float((gv - eye).norm()))
-                z_norm = max(z_norm, float(zz.trace().clamp_min(0).sqrt()))
-                x_norms.append(float(kk.trace().clamp_min(0).sqrt()))
+            reads = [shards.read(ad, self.adapter_state[ad.name]) for ad in bucket]
+            gb = torch.stack([(b.mT @ b).double() for b, _, _, _ in reads])  # [Z U]ᵀ[Z U]
+            ga = torch.stack([(at.mT @ at).double() for _, _, at, _ in reads])  # [V K]ᵀ[V K]
+            if shards.reduce_n is None:  # n side whole on every rank: only the m side sums
+                gb = reduce_sum(gb, shards.reduce_m)
+            else:  # both sides split over the same ranks: one reduction serves both
+                both = reduce_sum(torch.cat([gb, ga]), shards.reduce_m)
+                gb, ga = both[: len(bucket)], both[len(bucket):]
+            eye = torch.eye(r, dtype=torch.float64, device=gb.device)
+            orth_u = max(orth_u, float((gb[:, r:, r:] - eye).norm(dim=(-2, -1)).max()))
+            orth_v = max(orth_v, float((ga[:, :r, :r] - eye).norm(dim=(-2, -1)).max()))
+            trace = torch.diagonal(gb[:, :r, :r], dim1=-2, dim2=-1).sum(-1)
+            z_norm = max(z_norm, float(trace.clamp_min(0).sqrt().max()))
+            trace_k = torch.diagonal(ga[:, r:, r:], dim1=-2, dim2=-1).sum(-1)
+            x_norms += trace_k.clamp_min(0).sqrt().tolist()
         return {
             "orth_err_U": orth_u,
             "orth_err_V": orth_v,
             "max_norm_Z": z_norm,
             "mean_norm_X": sum(x_norms) / len(x_norms),
         }
+
+
+def keep_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """After ``Optimizer.load_state_dict``: put back the saved floating state in its own dtype.
+
+    torch casts floating state to the parameter's dtype; fp32 moments and masters of bf16
+    parameters must come back bit-exact (resume = the identical next step).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for idx, st in state_dict.get("state", {}).items():
+        p = params[int(idx)]
+        for k, v in st.items():
+            if isinstance(v, Tensor) and k != "step" and v.is_floating_point():
+                optimizer.state[p][k] = v.to(device=p.device, copy=True)
+
+
+def manifold_health(obj) -> dict[str, float]:
+    """Manifold health of an optimizer's fp32 masters (any optimizer with a ``manifold_health``
+    method: the manifold optimizers, StelLA), or, given a model, of its adapter parameters."""
+    if callable(getattr(obj, "manifold_health", None)):
+        return obj.manifold_health()
+    worst = 0.0
+    for ad in find_adapters(obj):
+        u = ad.lora_B[:, ad.r:].detach().double()
+        worst = max(worst, float((u.mT @ u - torch.eye(ad.r, dtype=torch.float64)).norm()))
+    return {"orth_err_U": worst}

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from . import geometry as geo
-from . import span
-from .layout import Adapter
-from .manifold_optimizer import ManifoldOptimizer
+from riemann_zero.adapters.layout import Adapter
+from riemann_zero.linalg import reduce_sum
+from riemann_zero.manifold import fixed_rank as geo
+from riemann_zero.manifold import span
+from riemann_zero.optim.base import ManifoldOptimizer, adamw_group
 
 __all__ = ["RiemannSGD", "RiemannAdam"]
 
@@ -18,11 +19,6 @@ def _check(lr: float, weight_decay: float) -> None:
         raise ValueError(f"lr must be >= 0, but got {lr}")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
-
-
-def _adamw_defaults(lr, adamw_lr, betas, eps, weight_decay) -> dict:
-    return dict(lr=lr if adamw_lr is None else adamw_lr, betas=tuple(betas), eps=eps,
-                weight_decay=weight_decay)
 
 
 class RiemannSGD(ManifoldOptimizer):
@@ -39,7 +35,7 @@ class RiemannSGD(ManifoldOptimizer):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), but got {momentum}")
         super().__init__(model, dict(lr=lr, momentum=momentum, weight_decay=weight_decay),
-                         _adamw_defaults(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
+                         adamw_group(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
                          params)
 
     def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
@@ -78,7 +74,7 @@ class RiemannAdam(ManifoldOptimizer):
         if not eps > 0.0:
             raise ValueError(f"eps must be > 0, but got {eps}")
         super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-                         _adamw_defaults(lr, adamw_lr, betas, eps, adamw_weight_decay), params)
+                         adamw_group(lr, adamw_lr, betas, eps, adamw_weight_decay), params)
 
     def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
                 states: list[dict], shards) -> geo.Point:
@@ -89,12 +85,12 @@ class RiemannAdam(ManifoldOptimizer):
         prev = self._get_tangent(states, "exp_avg")
         m = geo.scale(xi, 1 - beta1) if prev is None else geo.add(
             geo.scale(prev, beta1), geo.scale(xi, 1 - beta1))
-        sq_u = geo._sum((xi.dU.double() ** 2).sum((-2, -1)), rm) / (m_dim * r)
-        sq_k = geo._sum((xi.dK.double() ** 2).sum((-2, -1)), rn) / (n_dim * r)
+        sq_u = reduce_sum((xi.dU.double() ** 2).sum((-2, -1)), rm) / (m_dim * r)
+        sq_k = reduce_sum((xi.dK.double() ** 2).sum((-2, -1)), rn) / (n_dim * r)
         v_u, v_k = self._get(states, "exp_avg_sq_U"), self._get(states, "exp_avg_sq_K")
         v_u = (1 - beta2) * sq_u if v_u is None else beta2 * v_u + (1 - beta2) * sq_u
         v_k = (1 - beta2) * sq_k if v_k is None else beta2 * v_k + (1 - beta2) * sq_k
-        t = states[0].get("step", 0) + 1
+        t = states[0]["step"]  # counted by the base class before this call
         c1, c2 = 1 - beta1**t, 1 - beta2**t
         sp, c_m, c_x = span.factor(x, m.dU, m.dK, rm, rn)
         c_step = span.split_blocks(c_m, 1 / (c1 * ((v_u / c2).sqrt() + eps)),
@@ -104,8 +100,6 @@ class RiemannAdam(ManifoldOptimizer):
         self._put_tangent(states, "exp_avg", span.transport(sp, c_m, w1, z1))
         self._put(states, "exp_avg_sq_U", v_u)
         self._put(states, "exp_avg_sq_K", v_k)
-        for st in states:
-            st["step"] = t
         return new
 
 

@@ -17,13 +17,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from riemann_zero.io import fsync_dir, fsync_tree
 
 __all__ = [
     "COMPLETE",
@@ -35,8 +36,6 @@ __all__ = [
     "save_checkpoint",
     "load_trainer_state",
     "deepspeed_io",
-    "keep_state_dtypes",
-    "write_dir_atomically",
 ]
 
 COMPLETE = "COMPLETE"
@@ -82,25 +81,6 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync_tree(path: Path) -> None:
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -138,14 +118,14 @@ def save_checkpoint(
     torch.save({**trainer_state, "rng": rng_state()}, staging / f"trainer_state_rank{rank}.pt")
     barrier()
     if rank == 0:
-        _fsync_tree(staging)
+        fsync_tree(staging)
         marker = staging / COMPLETE
         marker.write_text(json.dumps({"step": step}) + "\n")
-        _fsync_tree(staging)
+        fsync_tree(staging)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -189,42 +169,3 @@ def deepspeed_io(engine: Any, *, exclude_frozen: bool) -> tuple[Callable[[Path],
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
     return write, read
-
-
-def keep_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
-    """After ``Optimizer.load_state_dict``: put back the saved floating state in its own dtype.
-
-    torch casts floating state to the parameter's dtype; fp32 moments and masters of bf16
-    parameters must come back bit-exact (resume = the identical next step).
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for idx, st in state_dict.get("state", {}).items():
-        p = params[int(idx)]
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor) and k != "step" and v.is_floating_point():
-                optimizer.state[p][k] = v.to(device=p.device, copy=True)
-
-
-def write_dir_atomically(out: str | os.PathLike, build: Callable[[Path], None]) -> Path:
-    """``build(tmp)`` fills a temporary sibling folder, which then replaces ``out``.
-
-    A crash leaves the previous ``out`` (or, between the two renames, ``out.old``) intact, never
-    a half-written folder under the final name.
-    """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-    try:
-        build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    return out

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CombinedOptimizer", "build_baseline_optimizer", "BASELINES"]
+__all__ = ["CombinedOptimizer", "build_baseline_optimizer", "BASELINES", "adamw_lora",
+           "muon_lora", "rprec_adamw"]
 
 BASELINES = ("adamw", "muon", "rprec_adamw")
 
@@ -88,44 +89,60 @@ def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
-def build_baseline_optimizer(
-    name: str,
-    model: nn.Module,
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    momentum: float = 0.95,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    reg: float = 0.01,
-) -> torch.optim.Optimizer:
-    """Build one of ``BASELINES`` for a PEFT LoRA model.
+def adamw_lora(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+               betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               amsgrad: bool = False) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` on every trainable parameter of a PEFT LoRA model."""
+    params = [p for _, p in _trainable(model)]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas),
+                             eps=eps, amsgrad=amsgrad)
 
-    Args:
-        name: ``"adamw"``, ``"muon"`` or ``"rprec_adamw"``.
-        model: a ``peft.PeftModel`` (stock LoRA layout).
-        lr, weight_decay, momentum, betas, eps: the usual hyper-parameters (momentum: Muon only).
-        reg: damping of the r x r preconditioner (``rprec_adamw`` only).
+
+def muon_lora(model: nn.Module, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.95,
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              nesterov: bool = True, ns_steps: int = 5,
+              adjust_lr_fn: str | None = None) -> torch.optim.Optimizer:
+    """``torch.optim.Muon`` on each 2-D lora_A/lora_B weight (per factor), AdamW (``betas``,
+    ``eps``) on any other trainable parameter."""
+    named = _trainable(model)
+
+    def is_factor(n: str, p: nn.Parameter) -> bool:
+        return p.ndim == 2 and (".lora_A." in n or ".lora_B." in n)
+
+    factors = [p for n, p in named if is_factor(n, p)]
+    others = [p for n, p in named if not is_factor(n, p)]
+    if not factors:
+        raise ValueError("optimizer muon found no 2-D lora_A/lora_B weights in the model")
+    muon = torch.optim.Muon(factors, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                            nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+    if not others:
+        return muon
+    return CombinedOptimizer([muon, torch.optim.AdamW(
+        others, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)])
+
+
+def rprec_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+                betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                reg: float = 0.01) -> torch.optim.Optimizer:
+    """PEFT's ``create_riemannian_optimizer(model, torch.optim.AdamW, ...)``; ``reg`` damps the
+    r x r preconditioner."""
+    from peft.optimizers import create_riemannian_optimizer
+
+    _trainable(model)
+    return create_riemannian_optimizer(model, torch.optim.AdamW, reg=reg, lr=lr,
+                                       weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+
+_BUILDERS = {"adamw": adamw_lora, "muon": muon_lora, "rprec_adamw": rprec_adamw}
+
+
+def build_baseline_optimizer(name: str, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
+    """Build one of ``BASELINES`` for a PEFT LoRA model (keywords as the builder's: ``lr``,
+    ``weight_decay``, ``betas``, ``eps``; ``momentum`` for Muon, ``reg`` for rprec_adamw).
 
     Returns:
         A ``torch.optim.Optimizer`` whose ``param_groups[i]["lr"]`` a scheduler may drive.
     """
-    named = _trainable(model)
-    params = [p for _, p in named]
-    adamw_kw = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
-    if name == "adamw":
-        return torch.optim.AdamW(params, **adamw_kw)
-    if name == "muon":
-        factors = [p for n, p in named if p.ndim == 2 and (".lora_A." in n or ".lora_B." in n)]
-        others = [p for n, p in named if not (p.ndim == 2 and (".lora_A." in n or ".lora_B." in n))]
-        if not factors:
-            raise ValueError("optimizer muon found no 2-D lora_A/lora_B weights in the model")
-        muon = torch.optim.Muon(factors, lr=lr, weight_decay=weight_decay, momentum=momentum)
-        if not others:
-            return muon
-        return CombinedOptimizer([muon, torch.optim.AdamW(others, **adamw_kw)])
-    if name == "rprec_adamw":
-        from peft.optimizers import create_riemannian_optimizer
-
-        return create_riemannian_optimizer(model, torch.optim.AdamW, reg=reg, **adamw_kw)
-    raise ValueError(f"unknown baseline optimizer {name!r}; valid: {list(BASELINES)}")
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown baseline optimizer {name!r}; valid: {list(BASELINES)}")
+    return _BUILDERS[name](model, **kwargs)

@@ -14,17 +14,16 @@ Gᵀ Y = Σ_t x_t (dy_tᵀ Y). G itself (m×n) is never formed; 2(q + 1) passes 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from .distributed import assign, shift_base
-from .layout import Adapter, find_adapters, set_point
+from riemann_zero.adapters.layout import Adapter, find_adapters, set_point
+from riemann_zero.linalg import Reduce, householder_basis
+from riemann_zero.sharding.params import assign, shift_base
 
-__all__ = ["loi_init", "sketch_gradients"]
-
-Reduce = Callable[[Tensor], Tensor] | None
+__all__ = ["loi_init", "sketch_gradients", "loi_rank_error"]
 
 
 def _default_loss(model: nn.Module, batch: dict) -> Tensor:
@@ -93,7 +92,7 @@ class _Sketcher:
 
 
 def _orth(y: Tensor) -> Tensor:
-    return torch.linalg.qr(y.double())[0].float()
+    return householder_basis(y).float()
 
 
 def sketch_gradients(model: nn.Module, batches: Iterable, *, extra: int = 16, power_steps: int = 1,
@@ -136,6 +135,15 @@ def sketch_gradients(model: nn.Module, batches: Iterable, *, extra: int = 16, po
     return out
 
 
+def loi_rank_error(r: int, m: int, n: int, name: str) -> str | None:
+    """Why LOI cannot start a rank-r adapter of the (m × n) module ``name`` (None if it can):
+    it takes the top 2r singular pairs of the layer's gradient, so 2r ≤ min(m, n)."""
+    if 2 * r > min(m, n):
+        return (f"LOI needs 2r <= min(out, in), but {name} has r={r} and shape ({m}, {n}); use "
+                f"r <= {min(m, n) // 2} or another init")
+    return None
+
+
 def loi_init(model: nn.Module, batches: Iterable, *, p: int = 16, q: int = 1,
              alpha: float | None = None, seed: int = 0, reduce: Reduce = None,
              loss_fn=None) -> dict[str, Tensor]:
@@ -157,11 +165,9 @@ def loi_init(model: nn.Module, batches: Iterable, *, p: int = 16, q: int = 1,
         if hasattr(ad.module, "loi_B0"):
             raise ValueError(
                 f"LOI was already applied to {ad.name}; build a fresh model to redo it")
-        if 2 * ad.r > min(ad.m, ad.n):
-            raise ValueError(
-                f"LOI needs 2r <= min(out, in), but {ad.name} has r={ad.r} and shape "
-                f"({ad.m}, {ad.n}); use r <= {min(ad.m, ad.n) // 2} or another init"
-            )
+        problem = loi_rank_error(ad.r, ad.m, ad.n, ad.name)
+        if problem is not None:
+            raise ValueError(problem)
     if q < 0 or p < 0:
         raise ValueError(f"p and q must be >= 0, but got p={p}, q={q}")
     was_training = model.training

@@ -5,20 +5,23 @@ block, the DeepSpeed config nested verbatim under ``deepspeed:``). Every key has
 recipe only states what differs. Unknown keys fail with a did-you-mean suggestion; values are
 coerced to the field's type (``max_steps=3`` is an int, ``lora.target_modules=q_proj,v_proj`` a
 list). Checks that need no weights (files exist, target modules exist, rank fits) live in
-``riemann_zero.preflight``; this module only knows about the recipe itself.
+:mod:`riemann_zero.train.preflight`; the optimizer rules come from
+:mod:`riemann_zero.train.registry`; the generic parsing (coercion, did-you-mean, dotted keys)
+from :mod:`riemann_zero.train.parsing`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from riemann_zero.train import registry
+from riemann_zero.train.parsing import RecipeError, build_dataclass, set_dotted
 
 __all__ = [
     "ModelConfig",
@@ -34,21 +37,13 @@ __all__ = [
     "load_recipe",
     "apply_overrides",
     "recipe_to_dict",
-    "OPTIMIZERS",
-    "MANIFOLD_OPTIMIZERS",
     "RUN_NEUTRAL_KEYS",
+    "SWITCHABLE_SECTIONS",
 ]
 
-MANIFOLD_OPTIMIZERS = ("riemannion", "riemann_sgd", "riemann_adam")
-OPTIMIZERS = MANIFOLD_OPTIMIZERS + ("adamw", "muon", "rprec_adamw", "stella")
-INIT_METHODS = ("loi", "zero", "random", "peft", "pissa", "lora_ga")
 SCHEDULES = ("linear", "cosine", "constant")
 ENGINES = ("deepspeed", "fsdp2")
 DTYPES = ("auto", "float32", "bfloat16")
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the key and what would be valid."""
 
 
 @dataclass
@@ -101,7 +96,10 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    """Optimizer and its hyper-parameters; keys a given optimizer does not use are ignored."""
+    """Optimizer and its hyper-parameters; common keys a given optimizer does not use are ignored
+    (``riemann_zero.train.registry`` lists which it takes). ``options``: further keyword
+    arguments of that optimizer, e.g. ``{ortho: newton_schulz, ns_steps: 5}`` for Riemannion;
+    unknown names fail in preflight with the valid ones listed."""
 
     name: str = "riemannion"
     lr: float = 1e-4
@@ -110,6 +108,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     reg: float = 0.01  # rprec_adamw damping
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -173,6 +172,9 @@ class Recipe:
 
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
 RUN_NEUTRAL_KEYS = ("output_dir", "resume", "stop_after", "eval_after", "train.log_every")
+# Sections that ``null``/``false`` (in YAML or as ``eval_after=null``) switch off: their defaults
+# are the switched-off state.
+SWITCHABLE_SECTIONS = ("eval_after",)
 
 
 def _choices(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -193,8 +195,8 @@ def _positive(key: str, value: float | None, *, allow_zero: bool = False) -> Non
 def _check_values(rc: Recipe) -> None:
     _choices("engine", rc.engine, ENGINES)
     _choices("model.dtype", rc.model.dtype, DTYPES)
-    _choices("init.method", rc.init.method, INIT_METHODS)
-    _choices("optimizer.name", rc.optimizer.name, OPTIMIZERS)
+    _choices("init.method", rc.init.method, registry.INIT_METHODS)
+    _choices("optimizer.name", rc.optimizer.name, tuple(registry.OPTIMIZERS))
     _choices("schedule.type", rc.schedule.type, SCHEDULES)
     _choices("data.template", rc.data.template, ("chat", "alpaca"))
     _choices("data.eval_split", rc.data.eval_split, ("eval", "holdout"))
@@ -224,22 +226,9 @@ def _check_values(rc: Recipe) -> None:
         raise RecipeError("lora.target_modules is empty; name at least one module, e.g. [q_proj]")
     if len(rc.optimizer.betas) != 2:
         raise RecipeError(f"optimizer.betas needs two numbers, but got {rc.optimizer.betas!r}")
-    if rc.init.method == "loi" and rc.optimizer.name not in MANIFOLD_OPTIMIZERS:
-        raise RecipeError(
-            f"init.method=loi needs a manifold optimizer ({', '.join(MANIFOLD_OPTIMIZERS)}), but "
-            f"optimizer.name is {rc.optimizer.name!r}; use init.method=peft for the baselines")
-    if rc.init.method in ("zero", "random") and rc.optimizer.name not in MANIFOLD_OPTIMIZERS:
-        raise RecipeError(
-            f"init.method={rc.init.method} builds the manifold layout, which "
-            f"{rc.optimizer.name!r} does not understand; use init.method=peft")
-    if rc.init.method in ("peft", "pissa", "lora_ga") and rc.optimizer.name in MANIFOLD_OPTIMIZERS:
-        raise RecipeError(
-            f"optimizer {rc.optimizer.name!r} needs the manifold layout; set init.method to one "
-            f"of loi, zero, random (got {rc.init.method})")
-    if rc.init.method in ("pissa", "lora_ga") and rc.optimizer.name == "stella":
-        raise RecipeError(
-            f"optimizer 'stella' starts from its own orthonormal U S Vᵀ; set init.method=peft "
-            f"(got {rc.init.method})")
+    problem = registry.init_error(rc.optimizer.name, rc.init.method)
+    if problem is not None:
+        raise RecipeError(problem)
     if rc.resume not in ("auto", "never") and not Path(rc.resume).is_dir():
         raise RecipeError(f"resume must be 'auto', 'never' or an existing checkpoint directory, "
                           f"but got {rc.resume!r}")
@@ -248,125 +237,9 @@ def _check_values(rc: Recipe) -> None:
                           f"{type(rc.deepspeed).__name__}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Building dataclasses from plain dicts, with type coercion and did-you-mean.
-
-
-def _unknown_key(path: str, key: str, known: list[str]) -> RecipeError:
-    hint = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    where = f"{path}.{key}" if path else key
-    extra = f"; did you mean {(path + '.' if path else '') + hint[0]!r}?" if hint else ""
-    return RecipeError(f"unknown recipe key {where!r}{extra} Valid keys here: {sorted(known)}")
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Convert ``value`` (from YAML or a command-line string) to the annotated type ``tp``."""
-    base, optional = _strip_optional(tp)
-    if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
-        if optional:
-            return None
-        raise RecipeError(f"{key} cannot be null (expected {getattr(base, '__name__', base)})")
-    origin = typing.get_origin(base)
-    if origin is list:
-        (item,) = typing.get_args(base)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{key} must be a list, but got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict or base is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key} must be a mapping, but got {value!r}")
-        return value
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
-            return False
-        raise RecipeError(f"{key} must be true or false, but got {value!r}")
-    if base is int:
-        if isinstance(value, bool):
-            raise RecipeError(f"{key} must be an integer, but got {value!r}")
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            raise RecipeError(f"{key} must be an integer, but got {value!r}") from None
-        if as_float != int(as_float):
-            raise RecipeError(f"{key} must be an integer, but got {value!r}")
-        return int(as_float)
-    if base is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise RecipeError(f"{key} must be a number, but got {value!r}") from None
-    if base is str:
-        return str(value)
-    return value
-
-
-def _build(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path or 'recipe'} must be a mapping, but got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise _unknown_key(path, str(key), list(fields))
-        sub = f"{path}.{key}" if path else key
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, sub)
-        else:
-            kwargs[key] = _coerce(sub, value, tp)
-    return cls(**kwargs)
-
-
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The recipe as plain data (what ``run.json`` stores)."""
     return dataclasses.asdict(recipe)
-
-
-def _set_dotted(data: dict[str, Any], dotted: str, raw: str) -> None:
-    """Set ``data[a][b]...`` from ``a.b...=raw``, checking keys against the schema."""
-    parts = dotted.split(".")
-    cls: Any = Recipe
-    node = data
-    for i, part in enumerate(parts):
-        prefix = ".".join(parts[:i])
-        if cls is None:  # inside a free mapping (the deepspeed block): any key, YAML value
-            if i == len(parts) - 1:
-                node[part] = yaml.safe_load(raw) if raw != "" else ""
-            else:
-                if not isinstance(node.get(part), dict):
-                    node[part] = {}
-                node = node[part]
-            continue
-        names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
-            raise _unknown_key(prefix, part, names)
-        tp = typing.get_type_hints(cls)[part]
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(tp):
-                raise RecipeError(f"{dotted} is a section; set one of its keys, e.g. "
-                                  f"{dotted}.{dataclasses.fields(tp)[0].name}=...")
-            parsed = yaml.safe_load(raw) if raw.strip() else raw
-            node[part] = parsed if not isinstance(parsed, str) else raw
-            return
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-        cls = tp if dataclasses.is_dataclass(tp) else None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -376,7 +249,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise RecipeError(f"override {item!r} is not of the form dotted.key=value, "
                               f"e.g. max_steps=3 or optimizer.lr=2e-4")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), raw.strip())
+        set_dotted(Recipe, data, key.strip(), raw.strip(), switchable=SWITCHABLE_SECTIONS)
     return data
 
 
@@ -398,5 +271,5 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise RecipeError(f"{path} must hold a YAML mapping at top level, but got "
                               f"{type(data).__name__}")
     data = apply_overrides(data, list(overrides))
-    return _build(Recipe, data)
+    return build_dataclass(Recipe, data, switchable=SWITCHABLE_SECTIONS)
 

@@ -1,7 +1,7 @@
 """Bytes one Riemannion step hands to each collective, predicted from the adapter shapes alone.
 
 The same keys as ``Riemannion.last_step_comm`` (payload bytes per call, summed over the step).
-Counts follow the step in :mod:`riemann_zero.span` / :mod:`riemann_zero.riemannion`
+Counts follow the step in :mod:`riemann_zero.manifold.span` / :mod:`riemann_zero.optim.riemannion`
 (:data:`GRAM_M`, :data:`GRAM_N`, in units of r² fp64 numbers per adapter):
 
 - m side: the drift check UᵀU (r × r) and two CholeskyQR2 passes of [U | M_U] against U

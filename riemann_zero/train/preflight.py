@@ -1,9 +1,10 @@
 """Preflight: every check that can fail without weights, run on each rank before heavy work.
 
-Data files and dataset names, the batch layout against the world size, engine/optimizer pairs,
-target modules and the rank against the model's layers (the model is built on the meta device
+Data files and dataset names, the batch layout against the world size, the optimizer's engines,
+ZeRO stages, dtype and options (from :mod:`riemann_zero.train.registry`), target modules and the
+rank against the model's layers (the model is built on the meta device
 from its ``config.json``), and whether ``output_dir`` already holds a run (same recipe: resume;
-another recipe: refuse). Each failure is one :class:`~riemann_zero.recipe.RecipeError` naming
+another recipe: refuse). Each failure is one :class:`~riemann_zero.train.recipe.RecipeError` naming
 the key and the fix.
 """
 
@@ -15,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from riemann_zero.recipe import RUN_NEUTRAL_KEYS, Recipe, RecipeError, recipe_to_dict
+from riemann_zero import assets
+from riemann_zero.adapters.layout import rank_error
+from riemann_zero.adapters.loi import loi_rank_error
+from riemann_zero.data.examples import DATASETS, HUB_DATASETS
+from riemann_zero.train import registry
+from riemann_zero.train.checkpoint import latest_checkpoint
+from riemann_zero.train.recipe import RUN_NEUTRAL_KEYS, Recipe, RecipeError, recipe_to_dict
 
 __all__ = ["Plan", "preflight", "resolve_model_path"]
 
@@ -44,15 +51,11 @@ def resolve_model_path(name: str) -> str:
     if parts[1] != "smollm2" or len(parts) > 3:
         raise RecipeError(f"model.name_or_path {name!r}: the only asset model is "
                           f"'asset:smollm2' or 'asset:smollm2:LAYERS' (e.g. asset:smollm2:4)")
-    from riemann_zero import assets
-
     layers = int(parts[2]) if len(parts) == 3 else None
     return str(assets.smollm2(layers=layers))
 
 
 def _check_dataset(key: str, spec: str | None) -> None:
-    from riemann_zero.data import DATASETS, HUB_DATASETS
-
     if spec is None or spec in DATASETS or spec in HUB_DATASETS:
         return
     if spec.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")) or "/" in spec:
@@ -64,6 +67,16 @@ def _check_dataset(key: str, spec: str | None) -> None:
     extra = f" (did you mean {hint[0]!r}?)" if hint else ""
     raise RecipeError(f"{key} must be one of {list(DATASETS) + list(HUB_DATASETS)} or a local "
                       f".json/.jsonl file, but got {spec!r}{extra}")
+
+
+def _check_options(rc: Recipe) -> None:
+    valid = registry.spec(rc.optimizer.name).options()
+    for key in rc.optimizer.options:
+        if key not in valid:
+            hint = difflib.get_close_matches(key, valid, n=1)
+            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise RecipeError(f"optimizer.options.{key} is not an option of optimizer "
+                              f"{rc.optimizer.name!r}{extra}; valid options: {sorted(valid)}")
 
 
 def _linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
@@ -88,15 +101,14 @@ def _check_targets(rc: Recipe, shapes: dict[str, tuple[int, int]], arch: str) ->
                               f"{arch}{extra} Linear layer names: {leaves}")
         for name in hits:
             m, n = shapes[name]
-            if rc.lora.r >= min(m, n):
-                raise RecipeError(f"lora.r={rc.lora.r} does not fit {name} ({m}x{n}): a rank-r "
-                                  f"adapter needs r < min(out, in) = {min(m, n)}; lower lora.r "
-                                  f"or drop {target!r} from lora.target_modules")
+            problem = rank_error(rc.lora.r, m, n, name)  # the layout's own rule
+            if problem is None and rc.init.method == "loi":
+                problem = loi_rank_error(rc.lora.r, m, n, name)
+            if problem is not None:
+                raise RecipeError(f"lora.r={rc.lora.r} does not fit {name} ({m}x{n}): {problem}")
 
 
 def _check_output_dir(rc: Recipe) -> tuple[Path | None, bool]:
-    from riemann_zero.checkpoint import latest_checkpoint
-
     out = Path(rc.output_dir)
     run_json = out / "run.json"
     if not run_json.is_file():
@@ -127,6 +139,8 @@ def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any
         if dotted in RUN_NEUTRAL_KEYS:
             continue
         va, vb = a.get(key), b.get(key)
+        if key not in a and vb in ({}, None):  # a key added since that run, left empty here
+            continue
         if isinstance(va, dict) and isinstance(vb, dict):
             diffs += _recipe_diff(va, vb, dotted + ".")
         elif va != vb:
@@ -158,15 +172,11 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> P
     stage = int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise RecipeError(f"deepspeed.zero_optimization.stage must be 0..3, but got {stage}")
-    if rc.optimizer.name in ("muon", "rprec_adamw", "stella") and (
-            stage > 0 or rc.engine == "fsdp2"):
-        raise RecipeError(f"optimizer {rc.optimizer.name!r} needs the model's 2-D LoRA weights "
-                          f"and their grads, which ZeRO-{stage}/FSDP2 flatten or shard; use "
-                          f"engine=deepspeed with deepspeed.zero_optimization.stage=0")
-    if rc.optimizer.name == "rprec_adamw" and rc.deepspeed.get("bf16", {}).get("enabled"):
-        raise RecipeError("optimizer 'rprec_adamw' preconditions the model's own LoRA grads, which "
-                          "DeepSpeed's bf16 wrapper replaces by fp32 master copies; set "
-                          "deepspeed.bf16.enabled=false")
+    bf16 = bool((rc.deepspeed.get("bf16", {}) or {}).get("enabled", False))
+    problem = registry.engine_error(rc.optimizer.name, rc.engine, stage, bf16)
+    if problem is not None:
+        raise RecipeError(problem)
+    _check_options(rc)
     _check_dataset("data.train", rc.data.train)
     _check_dataset("data.eval", rc.data.eval)
     if rc.data.eval_split == "holdout" and rc.data.eval not in (None, rc.data.train):

@@ -16,7 +16,8 @@ R = [V Q_b] (n×2r) on the right, so each is a 2r×2r coordinate matrix C standi
 Collectives: the two CholeskyQR2-style orthonormalisations (four reductions of r×r / 2r×r blocks)
 plus S = VᵀK. Tall work: the Gram products, the basis updates and one (rows × 2r × 2r) matmul per
 side. Compared with calling project/ortho/retract/transport one after another this avoids every
-re-orthonormalisation they would repeat. ``geometry`` keeps those primitives as the specification.
+re-orthonormalisation they would repeat. :mod:`riemann_zero.manifold.fixed_rank` keeps those
+primitives as the specification.
 """
 
 from __future__ import annotations
@@ -26,17 +27,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .geometry import (
-    NULL_RTOL,
-    Point,
-    Reduce,
-    Tangent,
-    _complete,
-    _gram,
-    _mm,
-    _ns_polar,
-    _orthonormalize,
-)
+from riemann_zero import linalg
+from riemann_zero.linalg import Reduce, complete, gram, mm, orthonormalize
+from riemann_zero.manifold.fixed_rank import NULL_RTOL, Point, Tangent
 
 # ‖UᵀU − I‖_F above which U (and V) are re-orthonormalised: a few times the fresh error of one
 # fp32 step (~1e-6), well below the 1e-5 the health checks allow.
@@ -61,13 +54,13 @@ class Span(NamedTuple):
         """L @ small for small (b, 2r, k)."""
         r = self.u.shape[-1]
         small = small.to(self.u.dtype)
-        return torch.baddbmm(_mm(self.qa, small[:, :r]), self.u, small[:, r:])
+        return torch.baddbmm(mm(self.qa, small[:, :r]), self.u, small[:, r:])
 
     def right(self, small: Tensor) -> Tensor:
         """R @ small for small (b, 2r, k)."""
         r = self.v.shape[-1]
         small = small.to(self.v.dtype)
-        return torch.baddbmm(_mm(self.v, small[:, :r]), self.qb, small[:, r:])
+        return torch.baddbmm(mm(self.v, small[:, :r]), self.qb, small[:, r:])
 
 
 def restore_orthonormality(x: Point, reduce_m: Reduce = None, reduce_n: Reduce = None,
@@ -79,21 +72,15 @@ def restore_orthonormality(x: Point, reduce_m: Reduce = None, reduce_n: Reduce =
     U ← U G_U^{-1/2}, K ← K G_U^{1/2}, V ← V G_V^{-1/2} (range V, hence K ∈ span V, unchanged).
     Costs two r×r Gram reductions per step; the correction itself runs rarely.
     """
-    g_u, g_v = _gram(x.U, x.U, reduce_m), _gram(x.V, x.V, reduce_n)
+    g_u, g_v = gram(x.U, x.U, reduce_m), gram(x.V, x.V, reduce_n)
     eye = torch.eye(g_u.shape[-1], dtype=g_u.dtype, device=g_u.device)
     drift = torch.maximum((g_u - eye).norm(dim=(-2, -1)), (g_v - eye).norm(dim=(-2, -1)))
     if not bool((drift > tol).any()):
         return x
 
-    def powers(g: Tensor) -> tuple[Tensor, Tensor]:
-        lam, vec = torch.linalg.eigh((g + g.mT) / 2)
-        lam = lam.clamp_min(1e-12)
-        inv_root = (vec * lam.rsqrt().unsqueeze(-2)) @ vec.mT
-        return inv_root, (vec * lam.sqrt().unsqueeze(-2)) @ vec.mT
-
-    u_inv, u_half = powers(g_u)
-    v_inv, _ = powers(g_v)
-    return Point(_mm(x.U, u_inv), _mm(x.V, v_inv), _mm(x.K, u_half))
+    u_inv, u_half = linalg.sym_powers(g_u, 1e-12)
+    v_inv, _ = linalg.sym_powers(g_v, 1e-12)
+    return Point(mm(x.U, u_inv), mm(x.V, v_inv), mm(x.K, u_half))
 
 
 def factor(x: Point, m_u: Tensor, m_k: Tensor, reduce_m: Reduce = None,
@@ -104,9 +91,9 @@ def factor(x: Point, m_u: Tensor, m_k: Tensor, reduce_m: Reduce = None,
     coords of M, coords of X), coordinates (b, 2r, 2r) in fp64.
     """
     r = x.U.shape[-1]
-    qa, ra, _, keep_a = _orthonormalize(m_u, x.U, reduce_m)
-    qb, rb, cb, keep_b = _orthonormalize(m_k, x.V, reduce_n)
-    s = _gram(x.V, x.K, reduce_n)
+    qa, ra, _, keep_a = orthonormalize(m_u, x.U, reduce_m)
+    qb, rb, cb, keep_b = orthonormalize(m_k, x.V, reduce_n)
+    s = gram(x.V, x.K, reduce_n)
     cm = torch.zeros(x.U.shape[0], 2 * r, 2 * r, dtype=torch.float64, device=x.U.device)
     cm[:, :r, :r] = ra
     cm[:, r:, :r] = cb.mT
@@ -121,12 +108,10 @@ def factor(x: Point, m_u: Tensor, m_k: Tensor, reduce_m: Reduce = None,
 def polar(c: Tensor, eps: float = 1e-6, method: str = "svd", ns_steps: int = 5) -> Tensor:
     """Coordinates of polar(L C Rᵀ) = L polar(C) Rᵀ (L, R orthonormal); σ < eps·σ_max dropped."""
     if method == "newton_schulz":
-        return _ns_polar(c, ns_steps)
+        return linalg.ns_polar(c, ns_steps)
     if method != "svd":
         raise ValueError(f"ortho method must be 'svd' or 'newton_schulz', but got {method!r}")
-    w, sigma, zt = torch.linalg.svd(c)
-    keep = sigma > eps * sigma[:, :1].clamp_min(1e-300)
-    return (w * keep.unsqueeze(-2)) @ zt
+    return linalg.polar(c, eps)
 
 
 def tangent_part(c: Tensor) -> Tensor:
@@ -152,8 +137,8 @@ def truncate(span: Span, c: Tensor, r: int) -> tuple[Point, Tensor, Tensor]:
     w1, z1, s1 = w[..., :r], zt.mT[..., :r], sigma[:, :r]
     good = s1 > NULL_RTOL * s1[:, :1]
     if not bool(good.all()):  # rank < r: complete the bases inside the valid coordinates
-        w1 = _complete(w1, span.valid_left, good)
-        z1 = _complete(z1, span.valid_right, good)
+        w1 = complete(w1, span.valid_left, good)
+        z1 = complete(z1, span.valid_right, good)
         s1 = s1 * good
     v_new = span.right(z1)
     return Point(span.left(w1), v_new, v_new * s1.to(v_new.dtype).unsqueeze(-2)), w1, z1

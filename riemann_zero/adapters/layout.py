@@ -1,4 +1,4 @@
-"""The rank-2r PEFT-native block layout of a manifold adapter, and its export as a stock adapter.
+"""The rank-2r PEFT-native block layout of a manifold adapter.
 
 Each adapter X = U Kᵀ (rank r) is stored as a standard PEFT LoRA of rank 2r and scaling 1::
 
@@ -9,23 +9,20 @@ lora_B.grad) and ∂L/∂K = Gᵀ U (last r rows of lora_A.grad, transposed). Ta
 saving and loading all stay PEFT's. Adapters are found by module name, never by parameter order.
 
 After LOI the frozen base weight is W − ΔW₀; ΔW₀ = B₀ A₀ is kept as buffers ``loi_B0``/``loi_A0``
-on the LoRA layer so that the exported adapter is relative to the ORIGINAL base:
-ΔW − ΔW₀ = [U | B₀] [K | −A₀ᵀ]ᵀ, again a plain LoRA.
+on the LoRA layer (see :mod:`riemann_zero.adapters.export` for the adapter relative to the
+ORIGINAL base).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import write_dir_atomically
+from riemann_zero.linalg import householder_basis
+from riemann_zero.sharding.params import assign, full_tensor, gathered, layout_of
 
 __all__ = [
     "Adapter",
@@ -33,9 +30,11 @@ __all__ = [
     "convert",
     "find_adapters",
     "manifold_points",
-    "save_adapter",
     "set_point",
-    "gathered",
+    "lora_layers",
+    "lora_adapters",
+    "rank_error",
+    "RANK_ATTR",
 ]
 
 RANK_ATTR = "_riemann_rank"
@@ -65,7 +64,8 @@ class Adapter:
         return float(self.module.scaling[self.adapter_name])
 
 
-def _lora_layers(model: nn.Module):
+def lora_layers(model: nn.Module):
+    """(name, module) of every PEFT LoRA layer, names relative to ``base_model.model``."""
     from peft.tuners.lora import LoraLayer
 
     root = model.base_model.model if hasattr(model, "base_model") else model
@@ -78,11 +78,6 @@ def _in_out(module: nn.Module) -> tuple[int, int]:
     return int(module.out_features), int(module.in_features)
 
 
-def _orth(a: Tensor) -> Tensor:
-    """Orthonormal basis of the columns of a (fp64 Householder QR; zero input → coordinate axes)."""
-    return torch.linalg.qr(a.double())[0]
-
-
 @torch.no_grad()
 def set_point(ad: Adapter, u: Tensor, v: Tensor, k: Tensor) -> None:
     """Write X = U Kᵀ (V spanning range K) into the adapter's PEFT parameters, with Z = 0.
@@ -91,8 +86,6 @@ def set_point(ad: Adapter, u: Tensor, v: Tensor, k: Tensor) -> None:
     engine's fp32 master copy; nothing is gathered. u, v, k are the full factors (the same on
     every rank).
     """
-    from .distributed import assign, layout_of
-
     a, b = ad.lora_A, ad.lora_B
     if layout_of(a) != "local" or layout_of(b) != "local":
         assign(b, torch.cat([torch.zeros_like(u), u], dim=1))
@@ -105,14 +98,25 @@ def set_point(ad: Adapter, u: Tensor, v: Tensor, k: Tensor) -> None:
     a[r:].copy_(k.mT)
 
 
-def _check_rank(r: int, name: str, m: int, n: int) -> None:
+def rank_error(r: int, m: int, n: int, name: str) -> str | None:
+    """Why rank r cannot be an adapter of the (m × n) module ``name`` (None if it can).
+
+    The one rank rule of the package: a rank-r matrix of shape m × n exists iff 1 ≤ r ≤ min(m, n).
+    Recipe preflight and the layout both ask this function.
+    """
+    if r < 1:
+        return f"rank r must be a positive integer, but got r={r}"
     if r > min(m, n):
-        raise ValueError(
-            f"rank r={r} is larger than min(out, in)=min({m}, {n}) of target module {name!r}: "
-            f"a rank-r "
-            f"matrix of that shape does not exist. Fix: use r <= {min(m, n)} or drop this module "
-            f"from target_modules."
-        )
+        return (f"rank r={r} is larger than min(out, in)=min({m}, {n}) of target module {name!r}: "
+                f"a rank-r matrix of that shape does not exist. Fix: use r <= {min(m, n)} or drop "
+                f"this module from target_modules.")
+    return None
+
+
+def _check_rank(r: int, name: str, m: int, n: int) -> None:
+    problem = rank_error(r, m, n, name)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def get_peft_model(model: nn.Module, lora_config, init: str = "zero", seed: int = 0,
@@ -144,13 +148,13 @@ def get_peft_model(model: nn.Module, lora_config, init: str = "zero", seed: int 
     peft_model = peft_get_peft_model(model, config)
     gen = torch.Generator().manual_seed(seed)
     for ad in _mark(peft_model, r):
-        u = _orth(torch.randn(ad.m, r, generator=gen, dtype=torch.float64))
-        v = _orth(torch.randn(ad.n, r, generator=gen, dtype=torch.float64))
+        u = householder_basis(torch.randn(ad.m, r, generator=gen, dtype=torch.float64))
+        v = householder_basis(torch.randn(ad.n, r, generator=gen, dtype=torch.float64))
         if init == "zero":
             k = torch.zeros(ad.n, r, dtype=torch.float64)
         else:
             k = init_scale * torch.randn(ad.n, r, generator=gen, dtype=torch.float64)
-            v = _orth(k)
+            v = householder_basis(k)
         set_point(ad, u, v, k)
     return peft_model
 
@@ -158,7 +162,7 @@ def get_peft_model(model: nn.Module, lora_config, init: str = "zero", seed: int 
 def _mark(peft_model: nn.Module, r: int | None) -> list[Adapter]:
     """Set the manifold rank on every LoRA layer (r=None: half the PEFT rank) and check it fits."""
     found = []
-    for name, module in _lora_layers(peft_model):
+    for name, module in lora_layers(peft_model):
         for adapter_name in module.lora_A:
             rank = r if r is not None else int(module.r[adapter_name]) // 2
             m, n = _in_out(module)
@@ -183,7 +187,7 @@ def convert(peft_model: nn.Module) -> list[Adapter]:
     updated, so saving/loading stays PEFT's.
     """
     converted = []
-    for name, module in _lora_layers(peft_model):
+    for name, module in lora_layers(peft_model):
         if hasattr(module, RANK_ATTR):
             raise ValueError(f"{name} is already in the manifold layout")
         for adapter_name in list(module.lora_A):
@@ -219,7 +223,7 @@ def convert(peft_model: nn.Module) -> list[Adapter]:
 def find_adapters(model: nn.Module) -> list[Adapter]:
     """All manifold adapters of a PEFT model, in module order (active adapters only)."""
     found = []
-    for name, module in _lora_layers(model):
+    for name, module in lora_layers(model):
         rank = getattr(module, RANK_ATTR, None)
         if rank is None:
             continue
@@ -235,31 +239,27 @@ def find_adapters(model: nn.Module) -> list[Adapter]:
     return found
 
 
-@contextlib.contextmanager
-def gathered(params: list[Tensor], modify: bool = False):
-    """Make full parameters visible inside the block under ZeRO-3 (a no-op elsewhere).
+def lora_adapters(model: nn.Module) -> list[Adapter]:
+    """Every active adapter of a stock PEFT LoRA model (rank r = PEFT's rank), in module order.
 
-    With ``modify=True`` the values written inside the block are re-partitioned on exit (rank 0's
-    values win) and copied into the engine's fp32 master partitions, if any. FSDP2 parameters stay
-    sharded: write them with :func:`set_point` (which handles DTensors).
+    For optimizers that keep PEFT's own parametrisation (StelLA): plain LoRA on ``nn.Linear``.
     """
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
-            yield
-    else:
-        yield
-    if modify:  # an engine's fp32 master copies (ZeRO-1/2/3) must see the new values too
-        from .distributed import refresh_master
-
-        for p in params:
-            refresh_master(p)
-
-
-def _full(p: Tensor) -> Tensor:
-    """The whole tensor of a parameter (FSDP2 DTensor → full_tensor(); others as they are)."""
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
+    found = []
+    for name, module in lora_layers(model):
+        for adapter_name in module.active_adapters:
+            if adapter_name not in module.lora_A:
+                continue
+            if module.use_dora.get(adapter_name, False):
+                raise ValueError(f"{name}: StelLA needs plain LoRA, but got use_dora=True")
+            if getattr(module, "fan_in_fan_out", False):
+                raise ValueError(
+                    f"{name}: StelLA supports nn.Linear targets, but got fan_in_fan_out=True")
+            m, n = _in_out(module)
+            found.append(Adapter(name, module, adapter_name, int(module.r[adapter_name]), m, n))
+    if not found:
+        raise ValueError("no LoRA layers found, but got a model without adapters: wrap it with "
+                         "peft.get_peft_model(model, LoraConfig(target_modules=...)) first")
+    return found
 
 
 def manifold_points(model: nn.Module) -> dict[str, Tensor]:
@@ -270,69 +270,7 @@ def manifold_points(model: nn.Module) -> dict[str, Tensor]:
     points = {}
     for ad in find_adapters(model):
         with gathered([ad.lora_A, ad.lora_B]):
-            b, a = _full(ad.lora_B).detach(), _full(ad.lora_A).detach()
+            b, a = full_tensor(ad.lora_B).detach(), full_tensor(ad.lora_A).detach()
             dtype = torch.promote_types(b.dtype, torch.float32)  # fp64 stays fp64
             points[ad.name] = ad.scaling * (b.to(dtype) @ a.to(dtype))
     return points
-
-
-def _export_factors(ad: Adapter) -> tuple[Tensor, Tensor]:
-    """(B, A) of a plain LoRA equal to this adapter's ΔW relative to the original base weight."""
-    with gathered([ad.lora_A, ad.lora_B]):
-        b = _full(ad.lora_B).detach().float().cpu() * ad.scaling
-        a = _full(ad.lora_A).detach().float().cpu()
-    r = ad.r
-    blocks_b, blocks_a = [b[:, r:]], [a[r:]]
-    if b[:, :r].abs().max() > 0:  # Z ≠ 0 only if something other than our optimizer stepped it
-        blocks_b.append(b[:, :r])
-        blocks_a.append(a[:r])
-    b0 = getattr(ad.module, "loi_B0", None)
-    if b0 is not None:
-        blocks_b.append(_full(b0).detach().float().cpu())
-        blocks_a.append(-_full(ad.module.loi_A0).detach().float().cpu())
-    return torch.cat(blocks_b, dim=1).contiguous(), torch.cat(blocks_a, dim=0).contiguous()
-
-
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, *, rank0_only: bool = True) -> Path:
-    """Write a stock PEFT adapter that reproduces the model's logits on the ORIGINAL base model.
-
-    The folder loads with ``peft.PeftModel.from_pretrained`` (and lm-eval ``peft=``, vLLM) without
-    importing riemann_zero. Written atomically (temporary folder, then rename). Under
-    torch.distributed every rank must call it (factors may be gathered); rank 0 writes.
-    """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    adapters = find_adapters(model)
-    tensors, ranks = {}, {}
-    for ad in adapters:
-        b, a = _export_factors(ad)
-        key = f"base_model.model.{ad.name}"
-        tensors[f"{key}.lora_A.weight"] = a
-        tensors[f"{key}.lora_B.weight"] = b
-        ranks[ad.name] = b.shape[1]
-    if rank0_only and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return out
-    src = next(iter(model.peft_config.values()))
-    rank = max(ranks.values(), key=list(ranks.values()).count)  # the most common rank
-    pattern = {name: k for name, k in ranks.items() if k != rank}
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,  # scaling 1: the factors carry the scale
-        target_modules=sorted(ranks),  # exact module paths: no wider match than what was trained
-        lora_dropout=src.lora_dropout,
-        bias="none",
-        task_type=src.task_type,
-        base_model_name_or_path=src.base_model_name_or_path,
-        rank_pattern=pattern,
-        alpha_pattern=dict(pattern),
-    )
-    def build(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
-        config.save_pretrained(str(tmp))
-        (tmp / "riemann_zero.json").write_text(json.dumps(
-            {"manifold_rank": {ad.name: ad.r for ad in adapters},
-             "loi": any(hasattr(ad.module, "loi_B0") for ad in adapters)}, indent=1))
-
-    return write_dir_atomically(out, build)

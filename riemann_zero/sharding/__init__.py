@@ -1,0 +1,2 @@
+"""Where adapter rows live under each engine and which collective runs; knows torch and
+DeepSpeed, never PEFT (adapters are seen through ``params.AdapterLike``)."""

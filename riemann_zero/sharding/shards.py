@@ -1,0 +1,163 @@
+"""Where each adapter's rows live on this rank, and which collective sums the small Grams.
+
+The manifold optimizers see an adapter only through a *shards* object:
+
+- ``read(ad, state)`` → (B, gB, Aᵀ, gAᵀ): this rank's rows of lora_B = [Z | U] (m_loc × 2r) and of
+  lora_Aᵀ = [V | K] (n_loc × 2r) as fp32/fp64 master values, with their gradients (zeros if none);
+- ``write(ad, state, B, Aᵀ)``: store new rows (and refresh low-precision model copies);
+- ``reduce_m`` / ``reduce_n``: sum a small tensor over the ranks holding m-side / n-side rows
+  (``None`` = this rank holds all rows). When both are set they sum over the same ranks, so one
+  reduction of stacked m- and n-side blocks serves both;
+- ``comm``: bytes handed to each collective since the last ``comm.clear()``, keyed
+  ``"<collective>.<purpose>"`` (payload size: what one rank passes to the call).
+
+Layouts (picked by :func:`resolve_shards` from what the model parameters look like at the first
+step, once an engine has laid them out):
+
+- no engine / DDP / ZeRO-0 fp32: :class:`LocalShards`, every reduction the identity;
+- FSDP2 (DTensor parameters): :class:`FsdpShards`, lora_B rows and lora_Aᵀ rows (lora_A on
+  ``Shard(1)``) are this rank's local tensors, Grams all-reduced;
+- DeepSpeed ZeRO-1/2 (``_hp_mapping``) and ZeRO-3 (``ds_id``): flat fragments, see
+  :mod:`riemann_zero.sharding.zero`.
+
+Adapters are seen only through :class:`~riemann_zero.sharding.params.AdapterLike` (name, r, m,
+n, lora_A, lora_B): this layer knows no PEFT.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from riemann_zero.sharding.comm import CountingAllReduce, gather_lora_a
+from riemann_zero.sharding.params import AdapterLike, dtensor_rows, is_dtensor, layout_of
+from riemann_zero.sharding.zero import Zero3Shards, ZeroFlatShards
+
+__all__ = ["LocalShards", "FsdpShards", "resolve_shards"]
+
+_MASTER_DTYPES = (torch.float32, torch.float64)
+
+
+def _master(p: Tensor, state: dict, key: str, transpose: bool) -> Tensor:
+    """p itself (transposed view) if fp32/fp64, else an fp32 master copy kept in ``state``."""
+    if p.dtype in _MASTER_DTYPES:
+        return p.mT if transpose else p
+    if key not in state:
+        value = p.detach().float()
+        state[key] = (value.mT if transpose else value).contiguous()
+    return state[key]
+
+
+def _grad(g: Tensor | None, like: Tensor, transpose: bool) -> Tensor:
+    if g is None:  # no gradient reached this adapter: a zero gradient, not a skipped step
+        return torch.zeros_like(like)
+    g = g.mT if transpose else g
+    return g.to(like.dtype)
+
+
+def _write(p: Tensor, state: dict, key: str, value: Tensor, transpose: bool) -> None:
+    if key in state:
+        state[key].copy_(value)
+    p.copy_(value.mT if transpose else value)
+
+
+class LocalShards:
+    """All rows on this process; low-precision (bf16/fp16) parameters get fp32 master copies."""
+
+    reduce_m = None
+    reduce_n = None
+
+    def __init__(self) -> None:
+        self.comm: Counter[str] = Counter()
+
+    def read(self, ad: AdapterLike, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        b = _master(ad.lora_B, state, "master_B", transpose=False)
+        at = _master(ad.lora_A, state, "master_At", transpose=True)
+        return b, _grad(ad.lora_B.grad, b, False), at, _grad(ad.lora_A.grad, at, True)
+
+    def write(self, ad: AdapterLike, state: dict, b: Tensor, at: Tensor) -> None:
+        _write(ad.lora_B, state, "master_B", b, transpose=False)
+        _write(ad.lora_A, state, "master_At", at, transpose=True)
+
+
+class FsdpShards:
+    """FSDP2: lora_B (m×2r) on ``Shard(0)``, so each rank's local tensor is a row block of B.
+
+    lora_A (2r×n) on ``Shard(1)`` (what ``riemann_zero.fsdp_placement`` asks for when the world size
+    divides n) makes the local tensor a row block of Aᵀ: every Gram is then one all-reduce over the
+    mesh. With FSDP2's default ``Shard(0)`` (split along 2r), Aᵀ is gathered instead by one
+    zero-padded all-reduce of its values and of its K block's gradient, as under ZeRO.
+
+    ``reduce_n`` belongs to the bucket being stepped: :meth:`read` sets it (all adapters of a
+    bucket have the same n, hence the same placement).
+    """
+
+    def __init__(self, adapters: list[AdapterLike]) -> None:
+        from torch.distributed.tensor import Shard
+
+        self.comm: Counter[str] = Counter()
+        self._row_sharded: dict[str, bool] = {}
+        for ad in adapters:
+            a, b = ad.lora_A, ad.lora_B
+            if not (is_dtensor(a) and is_dtensor(b)):
+                raise ValueError(f"{ad.name}: under FSDP2 both lora_A and lora_B must be sharded "
+                                 "(apply fully_shard to the module holding the adapter)")
+            if tuple(b.placements) != (Shard(0),) or tuple(a.placements) not in ((Shard(0),),
+                                                                              (Shard(1),)):
+                raise ValueError(
+                    f"{ad.name}: FSDP2 placements are lora_B {tuple(b.placements)}, lora_A "
+                    f"{tuple(a.placements)}, but the manifold optimizer needs lora_B on Shard(0) "
+                    "and lora_A on Shard(1) or Shard(0) (a 1-D mesh). Fix: fully_shard(module, "
+                    "shard_placement_fn=riemann_zero.fsdp_placement(model))")
+            self._row_sharded[ad.name] = tuple(a.placements) == (Shard(1),)
+        self.group = adapters[0].lora_B.device_mesh.get_group()
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.reduce_m = CountingAllReduce(self.comm, "all_reduce.gram_m", self.group)
+        self._reduce_n = CountingAllReduce(self.comm, "all_reduce.gram_n", self.group)
+        self._gather = CountingAllReduce(self.comm, "all_reduce.gather_n", self.group)
+        self.reduce_n = self._reduce_n
+
+    def read(self, ad: AdapterLike, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        pb, pa = ad.lora_B, ad.lora_A
+        b = _master(pb.to_local(), state, "master_B", transpose=False)
+        gb = _grad(None if pb.grad is None else pb.grad.to_local(), b, False)
+        if self._row_sharded[ad.name]:
+            self.reduce_n = self._reduce_n
+            at = _master(pa.to_local(), state, "master_At", transpose=True)
+            return b, gb, at, _grad(None if pa.grad is None else pa.grad.to_local(), at, True)
+        self.reduce_n = None  # Aᵀ gathered: every rank holds all n rows
+        a = _master(pa.to_local(), state, "master_A", transpose=False)  # rows [lo, hi) of A
+        rows = dtensor_rows(2 * ad.r, pa)
+        grads = None if pa.grad is None else pa.grad.to_local().reshape(-1)
+        at, gat = gather_lora_a(ad.r, ad.n, rows.start * ad.n, a.reshape(-1), grads,
+                                self._gather, dtype=a.dtype, device=a.device)
+        return b, gb, at, gat
+
+    def write(self, ad: AdapterLike, state: dict, b: Tensor, at: Tensor) -> None:
+        _write(ad.lora_B.to_local(), state, "master_B", b, transpose=False)
+        if self._row_sharded[ad.name]:
+            _write(ad.lora_A.to_local(), state, "master_At", at, transpose=True)
+        else:
+            rows = dtensor_rows(2 * ad.r, ad.lora_A)
+            _write(ad.lora_A.to_local(), state, "master_A", at.mT[rows], transpose=False)
+
+
+def resolve_shards(adapters: list[AdapterLike], param_groups: list[dict]):
+    """Pick the shard layout from what the parameters look like at the first step."""
+    kinds = {layout_of(p) for ad in adapters for p in (ad.lora_A, ad.lora_B)}
+    if len(kinds) > 1:
+        raise ValueError(f"adapter parameters are laid out in several ways at once: "
+                         f"{sorted(kinds)}; wrap the whole model with one engine")
+    kind = kinds.pop()
+    if kind == "local":
+        return LocalShards()
+    if kind == "fsdp2":
+        return FsdpShards(adapters)
+    group = next((g for g in param_groups if g.get("kind") == "manifold"), None)
+    if kind == "zero3":
+        return Zero3Shards(adapters)
+    return ZeroFlatShards(adapters, group)

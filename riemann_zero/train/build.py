@@ -1,0 +1,117 @@
+"""What the driver builds from a recipe: the schedule, the data order, the model (base + LoRA +
+initialisation), the optimizer (from its registry row) and the DeepSpeed config."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from riemann_zero.adapters.inits import PEFT_INITS, peft_init_model
+from riemann_zero.adapters.layout import get_peft_model
+from riemann_zero.adapters.loi import loi_init
+from riemann_zero.train import registry
+from riemann_zero.train.preflight import Plan
+from riemann_zero.train.recipe import Recipe
+
+__all__ = ["lr_lambda", "batch_order", "build_model", "build_optimizer", "deepspeed_config"]
+
+
+def lr_lambda(recipe: Recipe, total_steps: int):
+    """Multiplier of the base lr at a step: linear warm-up, then linear, cosine or constant."""
+    sc = recipe.schedule
+    warmup = sc.warmup_steps if sc.warmup_steps is not None else int(sc.warmup_ratio * total_steps)
+    floor = sc.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if sc.type == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if sc.type == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return fn
+
+
+def batch_order(n: int, *, seed: int, epoch: int, rank: int, world: int, micro: int) -> list:
+    """Example indices of each micro-batch of one epoch on one rank. Deterministic, so the
+    data-loader position saved in a checkpoint is just a count of micro-batches."""
+    import torch
+
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    mine = perm[: (n // world) * world][rank::world].tolist()
+    return [mine[i:i + micro] for i in range(0, len(mine) - micro + 1, micro)]
+
+
+def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any = "cpu",
+                reduce: Any = None, world: int = 1) -> Any:
+    """Base model + LoRA (+ LOI) on ``device``.
+
+    Args:
+        recipe, plan: the run.
+        calibration: this rank's LOI calibration batches, already on ``device``.
+        device: where the model lives.
+        reduce: in-place sum over ranks of LOI's sketches and LoRA-GA's gradients (None for one
+            process), so that every rank ends with the same initial point.
+        world: number of ranks summed by ``reduce``.
+    """
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    bf16 = bool(recipe.deepspeed.get("bf16", {}).get("enabled", False))
+    dtype = {"auto": torch.bfloat16 if bf16 else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16}[recipe.model.dtype]
+    base = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=dtype).to(device)
+    if recipe.model.gradient_checkpointing:
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    lc = recipe.lora
+    config = LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
+                        target_modules=list(lc.target_modules), bias="none", task_type="CAUSAL_LM")
+    row = registry.spec(recipe.optimizer.name)
+    method = recipe.init.method
+    if row.layout == "manifold":
+        model = get_peft_model(base, config, init="random" if method == "random" else "zero",
+                               seed=recipe.seed)
+        if method == "loi":
+            loi_init(model, calibration, p=recipe.init.p, q=recipe.init.q,
+                     alpha=recipe.init.alpha, seed=recipe.seed, reduce=reduce)
+        return model
+    if method in PEFT_INITS:
+        model = peft_init_model(base, config, method, calibration=calibration,
+                                niter=recipe.init.niter, reduce=reduce, world=world)
+    else:
+        import peft
+
+        model = peft.get_peft_model(base, config)
+    if row.prepare is not None:  # e.g. StelLA's orthonormal U S Vᵀ
+        row.prepare(model, seed=recipe.seed)
+    return model
+
+
+def build_optimizer(recipe: Recipe, model: Any) -> Any:
+    """The recipe's optimizer on the (PEFT) model: its registry row's builder, given the row's
+    common recipe keys and ``optimizer.options``."""
+    oc = recipe.optimizer
+    row = registry.spec(oc.name)
+    kwargs = {key: getattr(oc, key) for key in row.recipe_keys}
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return row.build(model, **kwargs, **oc.options)
+
+
+def deepspeed_config(recipe: Recipe, plan: Plan, world: int) -> dict[str, Any]:
+    """The recipe's ``deepspeed:`` block completed with the batch layout of the train section."""
+    cfg = {k: v for k, v in copy.deepcopy(recipe.deepspeed).items() if v != "auto"}
+    cfg.update(train_micro_batch_size_per_gpu=recipe.train.micro_batch_size,
+               gradient_accumulation_steps=plan.grad_accum, train_batch_size=plan.global_batch,
+               gradient_clipping=recipe.train.gradient_clipping,
+               zero_allow_untested_optimizer=True)
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg

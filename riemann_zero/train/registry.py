@@ -1,0 +1,145 @@
+"""The registry of optimizers: the only place in the driver where optimizer names live.
+
+One row per optimizer says how to build it, which adapter layout it needs, which initialisations
+it accepts, where it runs and what it logs. Recipe validation, preflight, the builder and the
+loop read the row; adding an optimizer is adding a row.
+
+Hyper-parameters reach the builder two ways: the common recipe keys a row lists in
+``recipe_keys`` (``optimizer.lr``, ``optimizer.momentum``, …) and ``optimizer.options``, a
+mapping passed to the builder as keywords (its valid names: :meth:`OptimizerSpec.options`, the
+builder's keyword parameters that no recipe key sets), e.g.
+``optimizer.options.ortho=newton_schulz``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from riemann_zero.adapters.inits import stella_init
+from riemann_zero.optim.baselines import adamw_lora, muon_lora, rprec_adamw
+from riemann_zero.optim.riemannion import Riemannion
+from riemann_zero.optim.riemannlora import RiemannAdam, RiemannSGD
+from riemann_zero.optim.stella import StelLA
+
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "INIT_METHODS", "LAYOUTS", "spec", "init_error",
+           "engine_error"]
+
+# "manifold": the rank-2r manifold layout (riemann_zero.get_peft_model, LOI);
+# "peft": stock PEFT LoRA modules of rank r (PEFT's own or PiSSA/LoRA-GA initialisation).
+LAYOUTS = ("manifold", "peft")
+INIT_METHODS = ("loi", "zero", "random", "peft", "pissa", "lora_ga")
+_MANIFOLD_INITS = ("loi", "zero", "random")
+_PEFT_INITS = ("peft", "pissa", "lora_ga")
+_ALL_STAGES = (0, 1, 2, 3)
+# Keyword parameters of a builder that are not hyper-parameters.
+_NOT_OPTIONS = ("model", "params", "name")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One optimizer as the driver sees it.
+
+    Attributes:
+        name: the value of ``optimizer.name``.
+        build: ``build(model, **hyper_parameters)`` → a ``torch.optim.Optimizer``.
+        recipe_keys: ``optimizer.*`` recipe keys passed to ``build`` under the same names.
+        layout: the adapter layout it needs (one of :data:`LAYOUTS`).
+        inits: the ``init.method`` values it accepts.
+        init_hint: why other inits do not fit (completes the error message), or "".
+        stages: the DeepSpeed ZeRO stages it supports.
+        fsdp2: whether it runs under ``engine=fsdp2``.
+        engine_hint: why other engines or stages do not fit, or "".
+        bf16: whether it accepts ``deepspeed.bf16.enabled=true``.
+        dtype_hint: why bf16 does not fit, or "".
+        prepare: called as ``prepare(model, seed)`` after PEFT wrapped the model (StelLA's init).
+        health: whether its ``manifold_health()`` is logged to metrics.jsonl.
+    """
+
+    name: str
+    build: Callable[..., Any]
+    recipe_keys: tuple[str, ...]
+    layout: str
+    inits: tuple[str, ...]
+    init_hint: str = ""
+    stages: tuple[int, ...] = _ALL_STAGES
+    fsdp2: bool = True
+    engine_hint: str = ""
+    bf16: bool = True
+    dtype_hint: str = ""
+    prepare: Callable[..., Any] | None = None
+    health: bool = False
+
+    def options(self) -> tuple[str, ...]:
+        """Names ``optimizer.options`` may set: the builder's keyword parameters that no recipe
+        key sets."""
+        params = inspect.signature(self.build).parameters
+        return tuple(p for p in params if p not in _NOT_OPTIONS and p not in self.recipe_keys
+                     and params[p].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+
+_MANIFOLD = dict(layout="manifold", inits=_MANIFOLD_INITS, init_hint="needs the manifold layout",
+                 health=True)
+_WHOLE_FACTORS = dict(
+    stages=(0,), fsdp2=False,
+    engine_hint="needs the model's 2-D LoRA weights and their grads, which ZeRO-1/2/3 and FSDP2 "
+                "flatten or shard")
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
+    OptimizerSpec("riemannion", Riemannion,
+                  ("lr", "momentum", "weight_decay"), **_MANIFOLD),
+    OptimizerSpec("riemann_sgd", RiemannSGD,
+                  ("lr", "momentum", "weight_decay"), **_MANIFOLD),
+    OptimizerSpec("riemann_adam", RiemannAdam,
+                  ("lr", "betas", "eps", "weight_decay"), **_MANIFOLD),
+    OptimizerSpec("adamw", adamw_lora,
+                  ("lr", "weight_decay", "betas", "eps"), layout="peft", inits=_PEFT_INITS),
+    OptimizerSpec("muon", muon_lora,
+                  ("lr", "weight_decay", "momentum", "betas", "eps"), layout="peft",
+                  inits=_PEFT_INITS, **_WHOLE_FACTORS),
+    OptimizerSpec("rprec_adamw", rprec_adamw,
+                  ("lr", "weight_decay", "betas", "eps", "reg"), layout="peft",
+                  inits=_PEFT_INITS, bf16=False, **_WHOLE_FACTORS,
+                  dtype_hint="preconditions the model's own LoRA grads, which DeepSpeed's bf16 "
+                             "wrapper replaces by fp32 master copies"),
+    OptimizerSpec("stella", StelLA,
+                  ("lr", "betas", "eps", "weight_decay"), layout="peft", inits=("peft",),
+                  init_hint="starts from its own orthonormal U S Vᵀ", **_WHOLE_FACTORS,
+                  prepare=stella_init, health=True),
+)}
+
+
+def spec(name: str) -> OptimizerSpec:
+    """The row of optimizer ``name`` (recipe validation has checked that it exists)."""
+    return OPTIMIZERS[name]
+
+
+def init_error(name: str, init: str) -> str | None:
+    """Why ``init.method=init`` does not suit ``optimizer.name=name`` (None if it does)."""
+    row = OPTIMIZERS[name]
+    if init in row.inits:
+        return None
+    valid = ", ".join(row.inits)
+    if row.init_hint:
+        return f"optimizer {name!r} {row.init_hint}; set init.method to one of {valid} (got {init})"
+    users = [s.name for s in OPTIMIZERS.values() if init in s.inits]
+    kind = "a manifold" if all(OPTIMIZERS[u].layout == "manifold" for u in users) else "another"
+    return (f"init.method={init} needs {kind} optimizer ({', '.join(users)}), but optimizer.name "
+            f"is {name!r}; set init.method to one of {valid}")
+
+
+def engine_error(name: str, engine: str, stage: int, bf16: bool) -> str | None:
+    """Why optimizer ``name`` cannot run on this engine / ZeRO stage / dtype (None if it can)."""
+    row = OPTIMIZERS[name]
+    where = "FSDP2" if engine == "fsdp2" else f"ZeRO-{stage}"
+    if (engine == "fsdp2" and not row.fsdp2) or (engine == "deepspeed" and stage not in row.stages):
+        ok = [f"deepspeed stage {s}" for s in row.stages] + (["fsdp2"] if row.fsdp2 else [])
+        return (f"optimizer {name!r} {row.engine_hint or 'does not run there'} ({where}; it runs "
+                f"on {', '.join(ok)}); use engine=deepspeed with "
+                f"deepspeed.zero_optimization.stage={row.stages[0]}")
+    if bf16 and not row.bf16:
+        return f"optimizer {name!r} {row.dtype_hint}; set deepspeed.bf16.enabled=false"
+    return None

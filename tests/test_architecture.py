@@ -1,0 +1,252 @@
+"""The package is built in floors (LAYOUT.md): imports only go downward, no module imports the
+package root, nobody imports another file's ``_private`` names, the import graph has no circle,
+and eval/, bench/, launch/ use only the public API and the few modules meant for them.
+
+Plain ``ast`` over the source files: function-local imports count like top-level ones (that is
+where circles used to hide). The checker is tested on small synthetic trees first, so a green
+run means the rules hold, not that the checker cannot see.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "riemann_zero"
+
+# Who may import whom, by unit (a top-level module or subpackage of riemann_zero).
+ALLOWED: dict[str, set[str]] = {
+    "io": set(),
+    "linalg": set(),
+    "assets": {"io"},
+    "manifold": {"linalg"},
+    "sharding": {"linalg", "io"},
+    "data": {"assets", "io"},
+    "adapters": {"linalg", "io", "manifold", "sharding"},
+    "optim": {"linalg", "io", "manifold", "sharding", "adapters"},
+    "train": {"linalg", "io", "assets", "manifold", "sharding", "data", "adapters", "optim"},
+    "hf": {"linalg", "io", "assets", "manifold", "sharding", "data", "adapters", "optim", "train"},
+}
+# Modules that must import nothing of the package (the dense oracle the tests trust).
+STANDALONE = {"riemann_zero.manifold.reference"}
+# What eval/, bench/ and launch/ may import besides the public API (``riemann_zero`` itself).
+OUTSIDE_ALLOWED = {"riemann_zero", "riemann_zero.data.prompts", "riemann_zero.assets",
+                   "riemann_zero.io", "riemann_zero.sharding.accounting", "riemann_zero.train.cli"}
+
+
+def _module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def package_modules(root: Path) -> dict[str, Path]:
+    """{dotted module name: file} of every module of the package under ``root``."""
+    return {_module_name(root, p): p for p in sorted((root / PACKAGE).rglob("*.py"))}
+
+
+def _resolve(module: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".") if is_pkg else module.split(".")[:-1]
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(source: str, module: str, is_pkg: bool, known: set[str]
+               ) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or "", line) for every import in ``source``.
+
+    ``from a import b`` yields module ``a.b`` when that is a module of ours, else (``a``, ``b``).
+    """
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, "", node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, is_pkg, node)
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.append((sub, "", node.lineno) if sub in known
+                             else (target, alias.name, node.lineno))
+    return found
+
+
+def private_attribute_uses(source: str, module_aliases: set[str]) -> list[tuple[str, int]]:
+    """``alias._name`` uses where ``alias`` names one of our imported modules."""
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in module_aliases and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            hits.append((f"{node.value.id}.{node.attr}", node.lineno))
+    return hits
+
+
+def _aliases(source: str, module: str, is_pkg: bool, known: set[str]) -> set[str]:
+    """Local names bound to modules of ours (``import a.b as x``, ``from a import b``)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.asname for a in node.names if a.asname and a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(module, is_pkg, node)
+            names |= {a.asname or a.name for a in node.names if f"{target}.{a.name}" in known}
+    return names
+
+
+def unit_of(module: str) -> str:
+    """``riemann_zero.manifold.span`` → ``manifold``; the package root → ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def violations(root: Path) -> list[str]:
+    """Every broken rule in the package under ``root``, one line each."""
+    mods = package_modules(root)
+    known = set(mods)
+    problems, graph = [], {m: set() for m in mods}
+    for mod, path in mods.items():
+        src, is_pkg = path.read_text(), path.name == "__init__.py"
+        where = path.relative_to(root)
+        for target, name, line in imports_of(src, mod, is_pkg, known):
+            if not target.startswith(PACKAGE):
+                continue
+            if target == PACKAGE and mod != PACKAGE:
+                problems.append(f"{where}:{line}: imports the package root ({name or target}); "
+                                f"import the module that defines it")
+                continue
+            if name.startswith("_") and not name.startswith("__"):
+                problems.append(f"{where}:{line}: imports private {target}.{name}")
+            if target not in known:
+                continue
+            graph[mod].add(target)
+            if mod in STANDALONE:
+                problems.append(f"{where}:{line}: {mod} must import nothing of the package")
+            src_unit, dst_unit = unit_of(mod), unit_of(target)
+            if src_unit and dst_unit != src_unit and dst_unit not in ALLOWED.get(src_unit, set()):
+                problems.append(f"{where}:{line}: {src_unit} may not import {dst_unit} ({target})")
+        for use, line in private_attribute_uses(src, _aliases(src, mod, is_pkg, known)):
+            problems.append(f"{where}:{line}: uses private {use} of another module")
+    problems += [f"import circle: {' -> '.join(c)}" for c in cycles(graph)]
+    return problems
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One representative circle per strongly connected component with more than one module
+    (or a module importing itself)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                out.append(sorted(comp) + [sorted(comp)[0]])
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def outside_violations(root: Path, dirs: tuple[str, ...] = ("eval", "bench", "launch")
+                       ) -> list[str]:
+    """Imports of package internals from eval/, bench/, launch/ (launch/run.sh is Python too)."""
+    known = set(package_modules(root))
+    problems = []
+    for d in dirs:
+        for path in sorted((root / d).rglob("*")):
+            if path.suffix not in (".py", ".sh"):
+                continue
+            src = path.read_text()
+            for target, name, line in imports_of(src, _module_name(root, path), False, known):
+                if not target.startswith(PACKAGE):
+                    continue
+                private = name.startswith("_") and not name.startswith("__")
+                if target not in OUTSIDE_ALLOWED or private:
+                    problems.append(f"{path.relative_to(root)}:{line}: imports {target}"
+                                    f"{'.' + name if name else ''}; use the public API")
+    return problems
+
+
+# ------------------------------------------------------------------------------ the real tree
+def test_package_has_floors_and_no_circles():
+    problems = violations(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_eval_bench_launch_use_the_public_api():
+    problems = outside_violations(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_every_unit_is_known():
+    """A new subpackage must get a row in ALLOWED (and a floor in LAYOUT.md)."""
+    units = {unit_of(m) for m in package_modules(REPO)} - {""}
+    assert units <= set(ALLOWED), sorted(units - set(ALLOWED))
+
+
+# ---------------------------------------------------------- the checker on synthetic trees
+def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = tmp_path / PACKAGE / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    for folder in {p.parent for p in (tmp_path / PACKAGE).rglob("*.py")}:
+        (folder / "__init__.py").touch()
+    return tmp_path
+
+
+CLEAN = {"linalg.py": "X = 1\n", "manifold/span.py": "from riemann_zero.linalg import X\n",
+         "optim/base.py": "from riemann_zero.manifold import span\n"}
+
+
+@pytest.mark.parametrize(("files", "needle"), [
+    ({"linalg.py": "from riemann_zero.optim import base\n"}, "linalg may not import optim"),
+    ({"manifold/span.py": "import riemann_zero.sharding.comm\n",
+      "sharding/comm.py": "Y = 2\n"}, "manifold may not import sharding"),
+    ({"manifold/span.py": "from riemann_zero.linalg import _hidden\n"}, "imports private"),
+    ({"optim/base.py": "from riemann_zero.manifold import span\nspan._gram(1)\n"},
+     "uses private span._gram"),
+    ({"optim/base.py": "def f():\n    import riemann_zero as rz\n"}, "imports the package root"),
+    ({"optim/a.py": "def f():\n    from riemann_zero.optim import b\n",
+      "optim/b.py": "from riemann_zero.optim.a import f\n"}, "import circle"),
+    ({"manifold/span.py": "from .. import linalg\nfrom . import reference\n",
+      "manifold/reference.py": "from riemann_zero.manifold import span\n"}, "import circle"),
+])
+def test_checker_flags_each_broken_rule(tmp_path, files, needle):
+    root = _tree(tmp_path, {**CLEAN, **files})
+    assert any(needle in p for p in violations(root)), violations(root)
+
+
+def test_checker_accepts_a_clean_tree(tmp_path):
+    assert violations(_tree(tmp_path, CLEAN)) == []
+
+
+def test_checker_flags_internals_used_from_bench(tmp_path):
+    root = _tree(tmp_path, CLEAN)
+    (root / "bench").mkdir()
+    (root / "bench" / "b.py").write_text("from riemann_zero.manifold.span import X\n"
+                                         "from riemann_zero import Riemannion\n")
+    problems = outside_violations(root, ("bench",))
+    assert len(problems) == 1 and "riemann_zero.manifold.span" in problems[0], problems
