@@ -23,7 +23,8 @@ from riemann_zero.manifold import span
 from riemann_zero.optim.adamw import adamw_update_
 from riemann_zero.sharding.shards import resolve_shards
 
-__all__ = ["ManifoldOptimizer", "adamw_group", "keep_state_dtypes", "manifold_health"]
+__all__ = ["ManifoldOptimizer", "adamw_group", "check_common", "keep_state_dtypes",
+           "manifold_health"]
 
 _log = logging.getLogger(__name__)
 
@@ -45,6 +46,16 @@ def _canonical(x: geo.Point, shards) -> geo.Point:
     start = geo.Point(q, v, x.K @ rr.mT.to(x.K.dtype))
     zero = geo.Tangent(torch.zeros_like(start.U), torch.zeros_like(start.K))
     return geo.retract(start, zero, 1.0, rm, rn)
+
+
+def check_common(lr: float, weight_decay: float, momentum: float | None = None) -> None:
+    """The hyper-parameter checks every manifold optimizer shares (``ValueError``)."""
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, but got {lr}")
+    if not weight_decay >= 0.0:
+        raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
+    if momentum is not None and not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), but got {momentum}")
 
 
 def adamw_group(lr: float, adamw_lr: float | None, betas: tuple[float, float], eps: float,

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from riemann_zero.adapters.layout import Adapter
 from riemann_zero.manifold import fixed_rank as geo
 from riemann_zero.manifold import span
-from riemann_zero.optim.base import ManifoldOptimizer, adamw_group
+from riemann_zero.optim.base import ManifoldOptimizer, adamw_group, check_common
 
 __all__ = ["Riemannion"]
 
@@ -59,12 +59,7 @@ class Riemannion(ManifoldOptimizer):
                  adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.999),
                  adamw_eps: float = 1e-8, adamw_weight_decay: float = 0.0,
                  params: list[nn.Parameter] | None = None) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, but got {lr}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), but got {momentum}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
+        check_common(lr, weight_decay, momentum)
         if ortho not in ("svd", "newton_schulz"):
             raise ValueError(f"ortho must be 'svd' or 'newton_schulz', but got {ortho!r}")
         if momentum_buffer not in ("raw", "paper"):
@@ -79,9 +74,8 @@ class Riemannion(ManifoldOptimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ortho=ortho,
                         ns_steps=ns_steps, ortho_eps=ortho_eps, momentum_buffer=momentum_buffer,
                         lr_scale=lr_scale)
-        super().__init__(model, defaults,
-                         adamw_group(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
-                         params)
+        adamw = adamw_group(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
+        super().__init__(model, defaults, adamw, params)
 
     def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
                 states: list[dict], shards) -> geo.Point:

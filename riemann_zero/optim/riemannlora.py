@@ -9,16 +9,9 @@ from riemann_zero.adapters.layout import Adapter
 from riemann_zero.linalg import reduce_sum
 from riemann_zero.manifold import fixed_rank as geo
 from riemann_zero.manifold import span
-from riemann_zero.optim.base import ManifoldOptimizer, adamw_group
+from riemann_zero.optim.base import ManifoldOptimizer, adamw_group, check_common
 
 __all__ = ["RiemannSGD", "RiemannAdam"]
-
-
-def _check(lr: float, weight_decay: float) -> None:
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, but got {lr}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
 
 
 class RiemannSGD(ManifoldOptimizer):
@@ -31,9 +24,7 @@ class RiemannSGD(ManifoldOptimizer):
                  weight_decay: float = 0.0, *, adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float = 0.0, params: list[nn.Parameter] | None = None) -> None:
-        _check(lr, weight_decay)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), but got {momentum}")
+        check_common(lr, weight_decay, momentum)
         super().__init__(model, dict(lr=lr, momentum=momentum, weight_decay=weight_decay),
                          adamw_group(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
                          params)
@@ -68,7 +59,7 @@ class RiemannAdam(ManifoldOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, adamw_lr: float | None = None,
                  adamw_weight_decay: float = 0.0, params: list[nn.Parameter] | None = None) -> None:
-        _check(lr, weight_decay)
+        check_common(lr, weight_decay)
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must be in [0, 1), but got {betas}")
         if not eps > 0.0:

@@ -72,6 +72,15 @@ class OptimizerSpec:
     prepare: Callable[..., Any] | None = None
     health: bool = False
 
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{self.name}: layout must be one of {LAYOUTS}, but got "
+                             f"{self.layout!r}")
+        unknown = set(self.inits) - set(INIT_METHODS)
+        if unknown:
+            raise ValueError(f"{self.name}: inits must be among {INIT_METHODS}, but got "
+                             f"{sorted(unknown)}")
+
     def options(self) -> tuple[str, ...]:
         """Names ``optimizer.options`` may set: the builder's keyword parameters that no recipe
         key sets."""

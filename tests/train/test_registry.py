@@ -145,3 +145,22 @@ def test_rank_equal_to_the_layer_width_is_one_rule(tmp_path, tiny_llama):
     with pytest.raises(ValueError, match="rank r=25 is larger than min"):
         rz.get_peft_model(tiny_llama(dtype=torch.float64),
                           LoraConfig(r=25, target_modules=["q_proj"]))
+
+
+def test_stella_driver_run_logs_health_on_logged_steps_only(tmp_path):
+    """StelLA runs logged no manifold health (``rz.manifold_health`` failed on StelLA); the row's
+    ``health`` flag now puts it in metrics.jsonl, on the logged steps only (log_every=2 of 4)."""
+    import json
+
+    from test_resume import _train
+
+    out = tmp_path / "run"
+    proc = _train(out, "optimizer.name=stella", "optimizer.lr=1e-3", "init.method=peft",
+                  "max_steps=4", "train.save_every=0", "train.eval_every=0", "train.log_every=2")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [2, 4]
+    for row in steps:  # fp32 masters, polar retraction every step: orthonormal to fp32 rounding
+        assert 0.0 <= row["manifold/orth_err_U"] < 1e-5 and 0.0 <= row["manifold/orth_err_V"] < 1e-5
+        assert not any(k.startswith("comm/") for k in row)  # one process: no collective
