@@ -30,6 +30,12 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"linalg", "io", "assets", "manifold", "sharding", "data", "adapters", "optim"},
     "hf": {"linalg", "io", "assets", "manifold", "sharding", "data", "adapters", "optim", "train"},
 }
+# Third-party packages a unit must not import: geometry is pure torch; sharding knows no PEFT.
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "linalg": ("torch.optim", "torch.distributed", "peft", "transformers", "deepspeed"),
+    "manifold": ("torch.optim", "torch.distributed", "peft", "transformers", "deepspeed"),
+    "sharding": ("peft", "transformers"),
+}
 # Modules that must import nothing of the package (the dense oracle the tests trust).
 STANDALONE = {"riemann_zero.manifold.reference"}
 # What eval/, bench/ and launch/ may import besides the public API (``riemann_zero`` itself).
@@ -114,6 +120,11 @@ def violations(root: Path) -> list[str]:
         src, is_pkg = path.read_text(), path.name == "__init__.py"
         where = path.relative_to(root)
         for target, name, line in imports_of(src, mod, is_pkg, known):
+            full = f"{target}.{name}" if name else target
+            banned = [b for b in FORBIDDEN.get(unit_of(mod), ()) if full == b
+                      or full.startswith(b + ".") or target == b]
+            if banned:
+                problems.append(f"{where}:{line}: {unit_of(mod)} may not import {banned[0]}")
             if not target.startswith(PACKAGE):
                 continue
             if target == PACKAGE and mod != PACKAGE:
@@ -229,6 +240,10 @@ CLEAN = {"linalg.py": "X = 1\n", "manifold/span.py": "from riemann_zero.linalg i
     ({"optim/base.py": "from riemann_zero.manifold import span\nspan._gram(1)\n"},
      "uses private span._gram"),
     ({"optim/base.py": "def f():\n    import riemann_zero as rz\n"}, "imports the package root"),
+    ({"manifold/span.py": "import torch.distributed as dist\n"},
+     "manifold may not import torch.distributed"),
+    ({"sharding/comm.py": "def f():\n    from peft import LoraConfig\n"},
+     "sharding may not import peft"),
     ({"optim/a.py": "def f():\n    from riemann_zero.optim import b\n",
       "optim/b.py": "from riemann_zero.optim.a import f\n"}, "import circle"),
     ({"manifold/span.py": "from .. import linalg\nfrom . import reference\n",

@@ -1,7 +1,6 @@
 """The two engines of the driver, behind the same calls: forward (``__call__``), ``backward``,
 ``step`` at every micro-batch (optimizer and scheduler at accumulation boundaries only),
-``train``, ``lr``, ``io`` (checkpoint writer and reader) and ``gathered`` (ZeRO-3 parameters made
-whole for saving).
+``train``, ``lr`` and ``io`` (checkpoint writer and reader).
 
 - :class:`DeepSpeedEngine`: ``deepspeed.initialize`` with the client optimizer, any ZeRO stage,
   from the recipe's ``deepspeed:`` block;
@@ -12,7 +11,6 @@ whole for saving).
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,6 @@ class DeepSpeedEngine:
         self.client_optimizer = optimizer
         self.module = self.engine.module
         self.device = self.engine.device
-        self.stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
     def __call__(self, **batch):
         return self.engine(**batch)
@@ -57,14 +54,6 @@ class DeepSpeedEngine:
 
     def io(self, exclude_frozen: bool):
         return ckpt.deepspeed_io(self.engine, exclude_frozen=exclude_frozen)
-
-    def gathered(self, params):
-        """Context that makes ZeRO-3-partitioned parameters whole (identity below stage 3)."""
-        import deepspeed
-
-        if self.stage < 3:
-            return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 class FSDP2Engine:
@@ -157,6 +146,3 @@ class FSDP2Engine:
             self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
 
         return write, read
-
-    def gathered(self, params):
-        return contextlib.nullcontext()

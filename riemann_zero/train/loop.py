@@ -22,8 +22,9 @@ import torch.distributed as dist
 from riemann_zero.adapters.export import save_adapter, save_peft_adapter
 from riemann_zero.data.examples import load_examples
 from riemann_zero.data.tokens import Collator, tokenize
-from riemann_zero.io import write_json
+from riemann_zero.io import write_json, write_text_atomically
 from riemann_zero.optim.base import manifold_health
+from riemann_zero.sharding.params import gathered
 from riemann_zero.train import checkpoint as ckpt
 from riemann_zero.train import registry
 from riemann_zero.train.build import (
@@ -175,7 +176,7 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     if rank == 0:  # drop lines written after the checkpoint we resumed from
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
         kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        write_text_atomically(metrics_path, "".join(ln + "\n" for ln in kept))
 
     def emit(record: dict[str, Any]) -> None:
         if rank == 0:
@@ -266,6 +267,6 @@ def _save_adapter(eng, out_dir: Path, *, manifold: bool, rank: int) -> None:
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True,
                                                                       cpu_offload=True))
     lora = [p for n, p in module.named_parameters() if "lora_" in n]
-    with eng.gathered(lora):
+    with gathered(lora):  # ZeRO-3 parameters made whole; a no-op elsewhere
         if rank == 0:
             save_peft_adapter(module, out_dir, state_dict=state)
