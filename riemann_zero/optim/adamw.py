@@ -10,10 +10,12 @@ for the directions of U, S and V::
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["adamw_direction", "adamw_update_"]
+__all__ = ["adamw_direction", "adamw_update_", "adamw_group_step_", "closure_loss"]
 
 
 def adamw_direction(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, step: float | Tensor,
@@ -29,10 +31,9 @@ def adamw_direction(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, step: flo
     bias2 = 1.0 - beta2 ** step
     if isinstance(step, Tensor):
         bias1, bias2 = bias1.to(grad.dtype), bias2.to(grad.dtype)
-        root2 = bias2.sqrt()
-    else:
-        root2 = bias2 ** 0.5
-    return (exp_avg / bias1) / (exp_avg_sq.sqrt() / root2 + eps)
+    root2 = bias2.sqrt() if isinstance(bias2, Tensor) else math.sqrt(bias2)
+    denom = exp_avg_sq.sqrt().div_(root2).add_(eps)
+    return exp_avg.div(bias1).div_(denom)
 
 
 @torch.no_grad()
@@ -53,4 +54,23 @@ def adamw_update_(p: Tensor, state: dict, *, lr: float, betas: tuple[float, floa
     state["step"] += 1
     d = adamw_direction(state["exp_avg"], state["exp_avg_sq"], p.grad.to(dtype), state["step"],
                         *betas, eps)
-    p.copy_(p.to(dtype) * (1.0 - lr * weight_decay) - lr * d)
+    update = p.to(dtype)  # p itself when fp32/fp64: updated in place
+    update.mul_(1.0 - lr * weight_decay).add_(d, alpha=-lr)
+    if update is not p:
+        p.copy_(update)
+
+
+def adamw_group_step_(group: dict, state: dict) -> None:
+    """One AdamW step of every parameter of a torch.optim param group (lr, betas, eps,
+    weight_decay from the group; ``state`` is the optimizer's per-parameter state)."""
+    for p in group["params"]:
+        adamw_update_(p, state[p], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                      weight_decay=group["weight_decay"])
+
+
+def closure_loss(closure) -> Tensor | None:
+    """torch.optim's closure convention: re-evaluate the loss with grad enabled, if given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

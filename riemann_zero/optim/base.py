@@ -20,7 +20,7 @@ from riemann_zero.adapters.layout import Adapter, find_adapters
 from riemann_zero.linalg import orthonormalize, reduce_sum
 from riemann_zero.manifold import fixed_rank as geo
 from riemann_zero.manifold import span
-from riemann_zero.optim.adamw import adamw_update_
+from riemann_zero.optim.adamw import adamw_group_step_, closure_loss
 from riemann_zero.sharding.shards import resolve_shards
 
 __all__ = ["ManifoldOptimizer", "adamw_group", "check_common", "keep_state_dtypes",
@@ -142,10 +142,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
     @torch.no_grad()
     def step(self, closure=None):
         """One manifold step for every adapter (and one AdamW step for the other parameters)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             if group.get("kind") == "manifold":
                 if not group["params"]:  # ZeRO-3 steps one sub-group at a time; not ours now
@@ -159,7 +156,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
                 if _log.isEnabledFor(logging.DEBUG):
                     _log.debug("manifold step communication (bytes): %s", self.last_step_comm)
             else:
-                self._adamw_step(group)
+                adamw_group_step_(group, self.state)
         return loss
 
     def _step_bucket(self, group: dict, bucket: list[Adapter], shards) -> None:
@@ -216,11 +213,6 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         self._put(states, key + "_K", xi.dK)
 
     # ------------------------------------------------------------------------------ AdamW
-    def _adamw_step(self, group: dict) -> None:
-        for p in group["params"]:
-            adamw_update_(p, self.state[p], lr=group["lr"], betas=group["betas"],
-                          eps=group["eps"], weight_decay=group["weight_decay"])
-
     # ------------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
         """torch.optim state plus the per-adapter state, keyed by module name (survives ZeRO's

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from riemann_zero.adapters.inits import FACTORS_ATTR, s_vt
 from riemann_zero.adapters.layout import Adapter, lora_adapters
 from riemann_zero.manifold import stiefel
-from riemann_zero.optim.adamw import adamw_direction, adamw_update_
+from riemann_zero.optim.adamw import adamw_direction, adamw_group_step_, closure_loss
 from riemann_zero.optim.base import keep_state_dtypes
 
 __all__ = ["StelLA"]
@@ -147,15 +147,12 @@ class StelLA(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One StelLA step on the adapters and one AdamW step on the other parameters."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             if group["kind"] == "stella":
                 self._stella_step(group)
-            else:
-                self._adamw_step(group)
+            else:  # the trainable parameters that are not adapters
+                adamw_group_step_(group, self.state)
         return loss
 
     def _stella_step(self, group: dict) -> None:
@@ -203,12 +200,6 @@ class StelLA(torch.optim.Optimizer):
             st_b[i]["U"], st_a[i]["S"], st_a[i]["V"] = new["U"][i], new["S"][i], new["V"][i]
             sl.lora_B.copy_(new["U"][i])
             sl.lora_A.copy_(a_new[i])
-
-    def _adamw_step(self, group: dict) -> None:
-        """The one AdamW update, for the trainable parameters that are not adapters."""
-        for p in group["params"]:
-            adamw_update_(p, self.state[p], lr=group["lr"], betas=group["betas"],
-                          eps=group["eps"], weight_decay=group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, but fp32 masters keep their dtype, and lora_B/lora_A are rewritten."""
