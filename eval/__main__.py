@@ -18,6 +18,18 @@ from eval import SUITE_NAMES
 __all__ = ["main"]
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a limit of 0 or less would fail inside lm-eval, late)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, but got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, but got {value} (leave it out to score "
+                                         f"every document)")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m eval",
@@ -27,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="training output_dir (with adapter/ and run.json) or an "
                                    "adapter folder")
     p.add_argument("--suite", required=True, help=f"one of {sorted(SUITE_NAMES)}")
-    p.add_argument("--limit", type=int, default=None, help="documents per task (lm-eval --limit)")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="documents per task (lm-eval --limit; default all)")
     p.add_argument("--compare", nargs="*", default=[], metavar="RUN_OR_ADAPTER",
                    help="baseline adapters to add to the tables")
     p.add_argument("--base", default=None, help="base model (default: the adapter's own)")
@@ -35,11 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of the suite's tasks (e.g. rz_ll_piqa)")
     p.add_argument("--template", choices=["chat", "alpaca"], default=None,
                    help="protocol (b) prompt template (default: the recipe's data.template)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-gen-toks", type=int, default=None,
+    p.add_argument("--max-gen-toks", type=_positive_int, default=None,
                    help="cap on generated tokens for math/code tasks")
-    p.add_argument("--num-beams", type=int, default=None,
+    p.add_argument("--num-beams", type=_positive_int, default=None,
                    help="beam search for protocol (b); the papers use 4 (default greedy)")
     p.add_argument("--output-dir", default=None, help="default RUN_DIR/eval")
     p.add_argument("--no-base", action="store_true", help="skip the base model row")

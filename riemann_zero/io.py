@@ -22,6 +22,7 @@ __all__ = [
     "write_bytes_atomically",
     "write_json",
     "write_dir_atomically",
+    "default_mode",
     "fsync_tree",
     "fsync_dir",
     "versions",
@@ -33,9 +34,32 @@ __all__ = [
 RUN_PACKAGES = ("torch", "transformers", "peft", "deepspeed", "riemann-zero")
 
 
+def default_mode(*, directory: bool) -> int:
+    """The mode ``open``/``mkdir`` would give under the current umask (0644/0755 by default).
+
+    ``tempfile`` creates its files 0600 and folders 0700; whatever is renamed into place gets this
+    mode instead, so a serving process running as another user can read adapters and checkpoints.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
+def _umask_modes(root: Path) -> None:
+    """Give a built folder and everything in it the umask's modes (some writers, like
+    ``tempfile`` or safetensors, create 0600/0700 entries)."""
+    root.chmod(default_mode(directory=True))
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(dirpath, name), default_mode(directory=True))
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), default_mode(directory=False))
+
+
 def _tmp_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    os.fchmod(fd, default_mode(directory=False))
     os.close(fd)
     return Path(name)
 
@@ -83,6 +107,7 @@ def write_dir_atomically(out: str | os.PathLike, build: Callable[[Path], None], 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
     try:
         build(tmp)
+        _umask_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

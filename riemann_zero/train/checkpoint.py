@@ -1,17 +1,23 @@
-"""Atomic, resumable training checkpoints.
+"""Atomic, verified, resumable training checkpoints.
 
-Layout: ``OUTPUT_DIR/checkpoints/step-00000042/`` holds the engine's own files (model state with
-buffers, optimizer, LR scheduler), one ``trainer_state_rank{R}.pt`` per rank (step, data-loader
-position, RNG states of Python, NumPy and torch) and, written last, ``COMPLETE``. A checkpoint is
-built in ``checkpoints/.tmp/`` and renamed into place after every file has been fsync'ed, so a
-run killed mid-save leaves either the previous checkpoint set or the new one, never half of one.
-``resume=auto`` takes the newest directory that has ``COMPLETE``.
+Layout: ``OUTPUT_DIR/checkpoints/step-00000042/`` holds the engine's own files (trainable
+parameters, buffers, optimizer, LR scheduler; frozen base weights are rebuilt, not stored), one
+``trainer_state_rank{R}.pt`` per rank (step, data-loader position, RNG states of Python, NumPy and
+torch) and, written last, ``COMPLETE``: the step and every file with its size and SHA-256. A
+checkpoint is built in ``checkpoints/.tmp/`` and renamed into place after every file has been
+fsync'ed, so a run killed mid-save leaves either the previous checkpoint set or the new one, never
+half of one; a save that fails (a full disk) removes its staging folder and says why.
+``resume=auto`` takes the newest checkpoint whose files match ``COMPLETE`` and says which newer
+ones it skipped and why.
 
 Multi-node runs need ``output_dir`` on a shared file system (as DeepSpeed itself assumes).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import random
@@ -24,22 +30,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from riemann_zero.io import fsync_dir, fsync_tree
+from riemann_zero.io import fsync_dir, fsync_tree, write_text_atomically
 
 __all__ = [
     "COMPLETE",
+    "CheckpointError",
     "rng_state",
     "set_rng_state",
     "checkpoint_path",
     "list_checkpoints",
     "latest_checkpoint",
+    "checkpoint_bytes",
+    "verify_checkpoint",
+    "resume_point",
     "save_checkpoint",
     "load_trainer_state",
     "deepspeed_io",
 ]
 
 COMPLETE = "COMPLETE"
+STAGING = ".tmp"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+_MIB = 2**20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the path and the fix."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,6 +97,95 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes": size, "sha256": digest}}`` of every file under ``directory``."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE)
+    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in files}
+
+
+def _marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def checkpoint_bytes(path: str | Path) -> int:
+    """Total size of a checkpoint's files as recorded in its ``COMPLETE`` (0 if unknown)."""
+    marker = _marker(Path(path)) or {}
+    return sum(int(f["bytes"]) for f in marker.get("files", {}).values())
+
+
+def verify_checkpoint(path: str | Path, *, checksums: bool = True) -> str | None:
+    """What is wrong with a checkpoint's files (None when they match ``COMPLETE``).
+
+    Sizes are always compared; SHA-256 digests too when ``checksums``. A ``COMPLETE`` without a
+    file list (written before files were recorded) is accepted as it is.
+    """
+    path = Path(path)
+    marker = _marker(path)
+    if marker is None:
+        return f"{path / COMPLETE} is missing or unreadable"
+    for rel, want in marker.get("files", {}).items():
+        file = path / rel
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return f"{file} has {size} bytes, {COMPLETE} recorded {want['bytes']} (truncated?)"
+        if checksums and _sha256(file) != want["sha256"]:
+            return f"{file} does not match its SHA-256 recorded in {COMPLETE} (damaged)"
+    return None
+
+
+def resume_point(root: str | Path, *, checksums: bool = True) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint under ``root`` whose files verify, and one line for each
+    newer checkpoint skipped because it is damaged.
+
+    Raises:
+        CheckpointError: there are complete checkpoints but every one is damaged.
+    """
+    found = list_checkpoints(root)
+    skipped = []
+    for path in reversed(found):
+        problem = verify_checkpoint(path, checksums=checksums)
+        if problem is None:
+            return path, skipped
+        skipped.append(f"skipping damaged checkpoint {path.name}: {problem}")
+    if found:
+        raise CheckpointError(
+            f"every checkpoint under {root} is damaged ({'; '.join(skipped)}); restore those "
+            f"files, or delete the output_dir to start over")
+    return None, skipped
+
+
+def _no_space(err: BaseException) -> bool:
+    """Did writing fail for lack of space? (torch.save reports ENOSPC as C++ stream errors.)"""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if any(s in str(seen) for s in ("No space left", "iostream error", "unexpected pos")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _check_free_space(root: Path, need: int, name: str) -> None:
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise CheckpointError(
+            f"not enough free space for checkpoint {name} in {root}: it needs about "
+            f"{need / _MIB:.1f} MiB and {free / _MIB:.1f} MiB are free; free some space, lower "
+            f"train.keep_last, or set output_dir on a larger disk (earlier checkpoints are intact)")
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -90,8 +195,12 @@ def save_checkpoint(
     rank: int,
     barrier: Callable[[], None],
     keep_last: int = 2,
+    expected_bytes: int = 0,
 ) -> Path:
     """Write one checkpoint atomically; every rank calls this.
+
+    Only states that passed the loop's finiteness check are saved, so rotation (``keep_last``)
+    never removes the newest finite checkpoint.
 
     Args:
         root: the checkpoints directory.
@@ -102,34 +211,64 @@ def save_checkpoint(
         rank: this process's global rank (rank 0 finalises).
         barrier: a collective barrier (identity for one process).
         keep_last: complete checkpoints to keep; older ones are deleted after the rename.
+        expected_bytes: the checkpoint's expected size; every rank checks the free space of
+            ``root`` against it (with 10 % and 16 MiB to spare) before anything is written.
+
+    Raises:
+        CheckpointError: not enough space before the save, or the save failed (the message says
+            whether the disk is full); the staging folder is removed and earlier checkpoints stay.
 
     Returns:
         The final checkpoint directory.
     """
     root = Path(root)
     final = checkpoint_path(root, step)
-    staging = root / ".tmp" / final.name
+    staging = root / STAGING / final.name
     if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)  # a save that crashed earlier
+        shutil.rmtree(staging, ignore_errors=True)  # a save that was killed earlier
         staging.parent.mkdir(parents=True, exist_ok=True)
     barrier()
-    write_engine_state(staging)
-    staging.mkdir(parents=True, exist_ok=True)
-    torch.save({**trainer_state, "rng": rng_state()}, staging / f"trainer_state_rank{rank}.pt")
-    barrier()
+    need = int(expected_bytes * 1.1) + 16 * _MIB
+    try:
+        _check_free_space(root, need, final.name)
+        write_engine_state(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        torch.save({**trainer_state, "rng": rng_state()}, staging / f"trainer_state_rank{rank}.pt")
+        barrier()
+        if rank == 0:
+            fsync_tree(staging)
+            marker = {"step": step, "finite": True, "files": _manifest(staging)}
+            write_text_atomically(staging / COMPLETE, json.dumps(marker, indent=1) + "\n")
+            fsync_tree(staging)
+            if final.exists():  # the same step saved again (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            fsync_dir(root)
+    except Exception as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(root / STAGING)
+        if isinstance(err, CheckpointError):
+            raise
+        if _no_space(err):
+            free = shutil.disk_usage(root).free
+            raise CheckpointError(
+                f"no space left on the device while writing checkpoint {final.name} to {root} "
+                f"(about {need / _MIB:.1f} MiB needed, {free / _MIB:.1f} MiB free now); free some "
+                f"space or set output_dir on a larger disk; the staging folder was removed and "
+                f"earlier checkpoints are intact") from err
+        raise CheckpointError(f"writing checkpoint {final.name} to {root} failed: "
+                              f"{type(err).__name__}: {err}") from err
     if rank == 0:
-        fsync_tree(staging)
-        marker = staging / COMPLETE
-        marker.write_text(json.dumps({"step": step}) + "\n")
-        fsync_tree(staging)
-        if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        fsync_dir(root)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        _remove_empty(root / STAGING)
     barrier()
     return final
+
+
+def _remove_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not empty (another rank's files) or already gone
+        directory.rmdir()
 
 
 def load_trainer_state(path: str | Path, rank: int) -> dict[str, Any]:
@@ -143,7 +282,18 @@ def load_trainer_state(path: str | Path, rank: int) -> dict[str, Any]:
         saved = sorted(p.name for p in path.glob("trainer_state_rank*.pt"))
         raise ValueError(f"{path} has no state for rank {rank} (it holds {saved}); resume with "
                          f"the world size the checkpoint was written with")
-    return torch.load(file, weights_only=False)  # our own file: RNG states are NumPy tuples
+    try:
+        return torch.load(file, weights_only=False)  # our own file: RNG states are NumPy tuples
+    except Exception as err:
+        raise CheckpointError(f"{file} cannot be read ({type(err).__name__}: {err}); resume=auto "
+                              f"verifies every file and falls back to the newest intact "
+                              f"checkpoint") from err
+
+
+def _frozen_names(module: torch.nn.Module) -> set[str]:
+    """State-dict names of frozen parameters, tied aliases included (``lm_head.weight`` tied to
+    the embedding is not in ``named_parameters()``, so DeepSpeed's frozen filter keeps it)."""
+    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def deepspeed_io(engine: Any, *, exclude_frozen: bool) -> tuple[Callable[[Path], None],
@@ -152,20 +302,32 @@ def deepspeed_io(engine: Any, *, exclude_frozen: bool) -> tuple[Callable[[Path],
 
     Args:
         engine: a ``deepspeed.DeepSpeedEngine``.
-        exclude_frozen: leave frozen base weights out of the files. Only valid when the driver
-            rebuilds them identically before loading (it re-runs the deterministic
-            initialisation, LOI's base-weight shift included); buffers are always saved.
+        exclude_frozen: leave frozen base weights (tied aliases too) out of the files. Only
+            valid when the driver rebuilds them identically before loading (it re-runs the
+            deterministic initialisation, LOI's base-weight shift included); buffers are always
+            saved.
     """
+    module_state_dict = engine.module_state_dict
+
+    def trainable_state_dict(*args, **kwargs):
+        state = module_state_dict(*args, **kwargs)
+        for name in _frozen_names(engine.module) if exclude_frozen else ():
+            state.pop(name, None)
+        return state
 
     def write(directory: Path) -> None:
-        engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False,
-                               exclude_frozen_parameters=exclude_frozen)
+        engine.module_state_dict = trainable_state_dict
+        try:
+            engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False,
+                                   exclude_frozen_parameters=exclude_frozen)
+        finally:
+            del engine.module_state_dict  # back to the class's method
 
     def read(directory: Path) -> None:
         load_path, _ = engine.load_checkpoint(
             str(directory.parent), tag=directory.name, load_module_strict=not exclude_frozen,
             load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory}")
 
     return write, read

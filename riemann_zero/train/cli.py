@@ -23,14 +23,17 @@ import time
 from pathlib import Path
 
 from riemann_zero.io import git_commit, versions, write_json
-from riemann_zero.train.loop import run_training
+from riemann_zero.train.checkpoint import CheckpointError
+from riemann_zero.train.lock import RunLock
+from riemann_zero.train.loop import Diverged, log, run_training
 from riemann_zero.train.preflight import preflight
 from riemann_zero.train.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 
-__all__ = ["main", "cli", "parse_args", "run_eval_stage", "STOP_EXIT_CODE"]
+__all__ = ["main", "cli", "parse_args", "run_eval_stage", "STOP_EXIT_CODE", "DIVERGED_EXIT_CODE"]
 
 REPO = Path(__file__).resolve().parents[2]
 STOP_EXIT_CODE = 75  # exit status of a run stopped on purpose by ``stop_after``
+DIVERGED_EXIT_CODE = 3  # a non-finite loss, gradient norm or parameter stopped the run
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
@@ -71,6 +74,14 @@ def _setup_process_env() -> bool:
     return on_cpu
 
 
+def _record_end(out: Path, info: dict, status: str, err: BaseException, rank: int) -> None:
+    """Rank 0 marks a run that stopped on an error in its run.json (when it wrote one), so the
+    record never says ``running`` for a run that is gone."""
+    if rank == 0 and (out / "run.json").is_file():
+        write_json(out / "run.json", {**info, "status": status,
+                                      "error": f"{type(err).__name__}: {err}"})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one recipe; returns a process exit code."""
     recipe_path, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -78,35 +89,55 @@ def main(argv: list[str] | None = None) -> int:
     recipe = load_recipe(recipe_path, overrides)
     on_cpu = _setup_process_env()
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
-    # Everything that can fail without weights fails here, on every rank, before heavy work.
-    plan = preflight(recipe, world_size=world)
     out = Path(recipe.output_dir)
-    if plan.finished:
-        if rank == 0:
-            print(f"[riemann_zero] {out} already holds a finished run of this recipe; nothing to "
-                  f"train (delete that directory to start over)", flush=True)
-    else:
-        info = {"recipe": recipe_to_dict(recipe), "recipe_file": str(recipe_path),
-                "overrides": overrides, "world_size": world, "versions": versions(),
-                "git_commit": git_commit(REPO), "status": "running"}
-        result = run_training(recipe, plan, rank=rank, world=world, on_cpu=on_cpu,
-                              run_info=info)
-        if result.get("stopped"):  # simulated crash (resume tests): no adapter, no final run.json
-            sys.stdout.flush()
-            os._exit(STOP_EXIT_CODE)
-        if rank == 0:
-            info.update(result, status="finished", wall_time_s=round(time.time() - t_start, 3))
-            write_json(out / "run.json", info)
-            print(f"[riemann_zero] done in {info['wall_time_s']:.0f} s: {out / 'adapter'}",
-                  flush=True)
-        import torch.distributed as dist
-
-        if dist.is_initialized():  # shut gloo down in order: its threads abort at interpreter exit
-            dist.barrier()
-            dist.destroy_process_group()
-    if rank == 0 and recipe.eval_after.suite:
-        run_eval_stage(recipe)
+    with RunLock(out, rank) as lock:  # one run per output_dir, before anything loads
+        for note in lock.notes:
+            log(rank, note)
+        # Everything that can fail without weights fails here, on every rank, before heavy work.
+        plan = preflight(recipe, world_size=world)
+        for note in plan.notes:
+            log(rank, note)
+        if plan.finished:
+            log(rank, f"{out} already holds a finished run of this recipe; nothing to train "
+                       f"(delete that directory to start over)")
+        else:
+            info = {"recipe": recipe_to_dict(recipe), "recipe_file": str(recipe_path),
+                    "overrides": overrides, "world_size": world, "versions": versions(),
+                    "git_commit": git_commit(REPO), "status": "running"}
+            try:
+                result = run_training(recipe, plan, rank=rank, world=world, on_cpu=on_cpu,
+                                      run_info=info)
+            except Diverged as err:  # every rank saw the same reduced values: stop together
+                _record_end(out, info, "diverged", err, rank)
+                _shutdown()
+                raise
+            except BaseException as err:
+                _record_end(out, info, "failed", err, rank)
+                _shutdown(barrier=False)
+                raise
+            if result.get("stopped"):  # simulated crash (resume tests): no adapter, no run.json
+                sys.stdout.flush()
+                lock.release()
+                os._exit(STOP_EXIT_CODE)
+            if rank == 0:
+                info.update(result, status="finished", wall_time_s=round(time.time() - t_start, 3))
+                write_json(out / "run.json", info)
+                log(rank, f"done in {info['wall_time_s']:.0f} s: {out / 'adapter'}")
+            _shutdown()
+        if rank == 0 and recipe.eval_after.suite:
+            run_eval_stage(recipe)
     return 0
+
+
+def _shutdown(barrier: bool = True) -> None:
+    """Shut gloo down in order (its threads abort at interpreter exit); ``barrier=False`` when
+    the other ranks may not get there."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_eval_stage(recipe: Recipe) -> None:
@@ -132,9 +163,19 @@ def run_eval_stage(recipe: Recipe) -> None:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """``main`` with recipe errors printed as one line instead of a traceback (exit status 2)."""
+    """``main`` with the errors a user can fix printed as one line instead of a traceback: a
+    recipe error (exit status 2), a divergence (3, rank 0 prints it), a checkpoint that cannot
+    be written or read (1)."""
+    rank = os.environ.get("RANK", "0")
     try:
         return main(argv)
     except RecipeError as err:
         print(f"riemann_zero.train: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except Diverged as err:
+        if rank == "0":
+            print(f"riemann_zero.train: {err}", file=sys.stderr, flush=True)
+        return DIVERGED_EXIT_CODE
+    except CheckpointError as err:
+        print(f"riemann_zero.train: error: {err}", file=sys.stderr, flush=True)
+        return 1

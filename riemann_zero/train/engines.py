@@ -52,6 +52,12 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return float(self.client_optimizer.param_groups[0]["lr"])
 
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last optimizer step (None where DeepSpeed computed
+        none)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
     def io(self, exclude_frozen: bool):
         return ckpt.deepspeed_io(self.engine, exclude_frozen=exclude_frozen)
 
@@ -75,6 +81,7 @@ class FSDP2Engine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_fn)
         self.grad_accum, self.clip, self.device = grad_accum, clip, device
         self.micro = 0
+        self.last_grad_norm: float | None = None
 
     def __call__(self, **batch):
         last = (self.micro + 1) % self.grad_accum == 0
@@ -89,8 +96,10 @@ class FSDP2Engine:
         if self.micro % self.grad_accum:
             return
         if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(
+            norm = torch.nn.utils.clip_grad_norm_(
                 [p for p in self.module.parameters() if p.grad is not None], self.clip)
+            self.last_grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor")
+                                        else norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -101,6 +110,10 @@ class FSDP2Engine:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last optimizer step (None without clipping)."""
+        return self.last_grad_norm
+
     def io(self, exclude_frozen: bool):
         import torch.distributed.checkpoint as dcp
 
@@ -110,39 +123,43 @@ class FSDP2Engine:
         # which would decay the momentum. Their own state_dict() (this rank's rows) is saved per
         # rank instead; the model goes through DCP.
         from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
             get_model_state_dict,
             get_state_dict,
             set_model_state_dict,
             set_state_dict,
         )
 
+        # Frozen base weights are rebuilt by the deterministic initialisation: leave them out.
+        opts = StateDictOptions(ignore_frozen_params=exclude_frozen, strict=not exclude_frozen)
+
         manifold = hasattr(self.optimizer, "adapter_state_dict")
         per_rank = f"optimizer_rank{dist.get_rank()}.pt"
 
         def write(directory: Path) -> None:
             if manifold:
-                dcp.save({"model": get_model_state_dict(self.module)},
+                dcp.save({"model": get_model_state_dict(self.module, options=opts)},
                          checkpoint_id=str(directory))
                 torch.save(self.optimizer.state_dict(), directory / per_rank)
             else:
-                msd, osd = get_state_dict(self.module, self.optimizer)
+                msd, osd = get_state_dict(self.module, self.optimizer, options=opts)
                 dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
             if dist.get_rank() == 0:
                 torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
 
         def read(directory: Path) -> None:
             if manifold:
-                state = {"model": get_model_state_dict(self.module)}
+                state = {"model": get_model_state_dict(self.module, options=opts)}
                 dcp.load(state, checkpoint_id=str(directory))
-                set_model_state_dict(self.module, state["model"])
+                set_model_state_dict(self.module, state["model"], options=opts)
                 self.optimizer.load_state_dict(
                     torch.load(directory / per_rank, weights_only=False))
             else:
-                msd, osd = get_state_dict(self.module, self.optimizer)
+                msd, osd = get_state_dict(self.module, self.optimizer, options=opts)
                 state = {"model": msd, "optim": osd}
                 dcp.load(state, checkpoint_id=str(directory))
                 set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                               optim_state_dict=state["optim"])
+                               optim_state_dict=state["optim"], options=opts)
             self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
 
         return write, read

@@ -11,6 +11,7 @@ optimizers their own communication of that step, bytes by collective (``comm/all
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -20,28 +21,33 @@ import torch
 import torch.distributed as dist
 
 from riemann_zero.adapters.export import save_adapter, save_peft_adapter
-from riemann_zero.data.examples import load_examples
+from riemann_zero.data.examples import has_eval_split, load_examples
 from riemann_zero.data.tokens import Collator, tokenize
 from riemann_zero.io import write_json, write_text_atomically
 from riemann_zero.optim.base import manifold_health
-from riemann_zero.sharding.params import gathered
+from riemann_zero.sharding.params import gathered, local_values
 from riemann_zero.train import checkpoint as ckpt
 from riemann_zero.train import registry
 from riemann_zero.train.build import (
     batch_order,
     build_model,
     build_optimizer,
-    deepspeed_config,
     lr_lambda,
 )
 from riemann_zero.train.engines import DeepSpeedEngine, FSDP2Engine
 from riemann_zero.train.preflight import Plan
-from riemann_zero.train.recipe import Recipe
+from riemann_zero.train.recipe import Recipe, RecipeError
 
-__all__ = ["run_training"]
+__all__ = ["run_training", "Diverged", "log"]
 
 
-def _log(rank: int, msg: str) -> None:
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss, gradient norm or parameter; nothing of that step was
+    saved. The message is one line: the step, what was non-finite, the lr and what to try."""
+
+
+def log(rank: int, msg: str) -> None:
+    """One ``[riemann_zero]`` line on rank 0."""
     if rank == 0:
         print(f"[riemann_zero] {msg}", flush=True)
 
@@ -75,6 +81,45 @@ def _eval_loss(eng, items, collator, recipe: Recipe, rank: int, world: int) -> f
     dist.all_reduce(total)
     eng.train(True)
     return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def _trainable(module) -> list[tuple[str, torch.Tensor]]:
+    return [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+
+
+def _nonfinite(params: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of trainable parameters holding a NaN or an infinity in this rank's part (one pass
+    over the adapters; no communication)."""
+    bad = []
+    for name, p in params:
+        values = local_values(p)
+        if values.numel() and not bool(torch.isfinite(values.detach()).all()):
+            bad.append(name)
+    return bad
+
+
+def _state_bytes(params: list[tuple[str, torch.Tensor]]) -> int:
+    """Rough size of a first checkpoint: each trainable value with its fp32 master and two
+    optimizer moments (later checkpoints use the size of the previous one)."""
+    return sum(4 * 4 * int(getattr(p, "ds_numel", p.numel())) for _, p in params)
+
+
+def _skip_allowance(recipe: Recipe) -> int:
+    """Steps with a non-finite loss the run tolerates when the engine skipped their update
+    (``train.skip_nonfinite_steps``; unset: 0 in fp32, 3 with bf16/fp16)."""
+    if recipe.train.skip_nonfinite_steps is not None:
+        return recipe.train.skip_nonfinite_steps
+    ds = recipe.deepspeed
+    low = any(bool((ds.get(k) or {}).get("enabled", False)) for k in ("bf16", "fp16"))
+    return 3 if low else 0
+
+
+def _divergence(step: int, lr: float, what: str, newest: Path | None) -> Diverged:
+    kept = f"the newest checkpoint, {newest}, is finite" if newest else "no checkpoint was written"
+    return Diverged(f"training diverged at step {step}: non-finite {what} at lr {lr:.3g}; nothing "
+                    f"of this step was saved and {kept}. Try a lower optimizer.lr (e.g. "
+                    f"{lr / 10:.1g}), more schedule.warmup_steps or train.gradient_clipping, in a "
+                    f"new output_dir")
 
 
 def _health(optimizer) -> dict[str, float]:
@@ -122,8 +167,10 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     else:
         train_ex = load_examples(dc.train, split="train", limit=dc.train_limit,
                                         seed=recipe.seed)
-        eval_ex = load_examples(dc.eval or dc.train, split="eval", limit=dc.eval_limit,
-                                       seed=recipe.seed) if dc.eval_limit else []
+        source = dc.eval or dc.train
+        split = "eval" if has_eval_split(source) else "train"  # a separate eval file: all of it
+        eval_ex = load_examples(source, split=split, limit=dc.eval_limit,
+                                seed=recipe.seed) if dc.eval_limit else []
     tok_kw = {"template": dc.template, "max_length": dc.max_length}
     train_items = tokenize(train_ex, tokenizer, packing=dc.packing, **tok_kw)
     eval_items = tokenize(eval_ex, tokenizer, **tok_kw) if eval_ex else []
@@ -136,7 +183,7 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         raise ValueError(f"{len(train_items)} training examples make no full optimizer step of "
                          f"{plan.global_batch} examples; lower the batch or add data")
     total = recipe.max_steps or max(1, int(recipe.train.epochs * steps_per_epoch))
-    _log(rank, f"data ready ({time.perf_counter() - t0:.0f} s): "
+    log(rank, f"data ready ({time.perf_counter() - t0:.0f} s): "
                f"{len(train_items)} train / {len(eval_items)} eval examples; global batch "
                f"{plan.global_batch} = {mb} x {gas} x {world}; {total} steps "
                f"({total / steps_per_epoch:.2f} epochs)")
@@ -153,29 +200,43 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     set_seed(recipe.seed + 1 + rank)  # then independent dropout masks per rank
     row = registry.spec(recipe.optimizer.name)
     manifold = row.layout == "manifold"
-    _log(rank, f"model ready ({time.perf_counter() - t0:.0f} s): {recipe.init.method} init")
+    log(rank, f"model ready ({time.perf_counter() - t0:.0f} s): {recipe.init.method} init")
     lr_fn = lr_lambda(recipe, total)
     if recipe.engine == "deepspeed":
-        eng = DeepSpeedEngine(model, build_optimizer(recipe, model), lr_fn,
-                              deepspeed_config(recipe, plan, world))
+        eng = DeepSpeedEngine(model, build_optimizer(recipe, model), lr_fn, plan.deepspeed)
     else:
         eng = FSDP2Engine(model, lambda m: build_optimizer(recipe, m), lr_fn, gas,
                           recipe.train.gradient_clipping, device, manifold=manifold)
 
-    _log(rank, f"{recipe.engine} engine ready ({time.perf_counter() - t0:.0f} s)")
+    log(rank, f"{recipe.engine} engine ready ({time.perf_counter() - t0:.0f} s)")
     # Resume: the engine's state, then this rank's loop state and RNG streams.
     write_state, read_state = eng.io(exclude_frozen=True)
     start = 0
+    trainable = _trainable(eng.module)
     if plan.resume_from is not None:
-        read_state(plan.resume_from)
+        try:
+            read_state(plan.resume_from)
+        except Exception as err:
+            raise ckpt.CheckpointError(
+                f"reading checkpoint {plan.resume_from} failed ({type(err).__name__}: {err}); "
+                f"resume from an earlier one with resume=PATH or delete output_dir") from err
         state = ckpt.load_trainer_state(plan.resume_from, rank)
         ckpt.set_rng_state(state["rng"])
         start = int(state["step"])
-        _log(rank, f"resumed from {plan.resume_from} at step {start}")
+        bad = torch.tensor([len(_nonfinite(trainable))], dtype=torch.float64)
+        dist.all_reduce(bad)
+        if bad.item():
+            older = [p for p in ckpt.list_checkpoints(out / "checkpoints")
+                     if p.name < plan.resume_from.name]
+            fix = (f"resume from the newest earlier checkpoint with resume={older[-1]}"
+                   if older else "no earlier checkpoint is left: delete output_dir to start over")
+            raise RecipeError(f"checkpoint {plan.resume_from} holds non-finite values in "
+                              f"{int(bad.item())} trainable tensors; {fix}")
+        log(rank, f"resumed from {plan.resume_from} at step {start}")
     metrics_path = out / "metrics.jsonl"
-    if rank == 0:  # drop lines written after the checkpoint we resumed from
+    if rank == 0:  # drop lines written after the checkpoint we resumed from (all: a fresh start)
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= start]
+        kept = [ln for ln in lines if start and json.loads(ln).get("step", 0) <= start]
         write_text_atomically(metrics_path, "".join(ln + "\n" for ln in kept))
 
     def emit(record: dict[str, Any]) -> None:
@@ -200,6 +261,8 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     bar = tqdm(total=total, initial=start, disable=rank != 0, desc="train", dynamic_ncols=True)
     first_loss = last_loss = None
     tokens_seen = 0
+    allowance, skipped = _skip_allowance(recipe), 0
+    newest = plan.resume_from
     for step in range(start + 1, total + 1):
         t0 = time.perf_counter()
         lr = eng.lr()
@@ -215,16 +278,38 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
             eng.step()
             if a == gas - 1:
                 optim_time = time.perf_counter() - t_opt
-        reduced = torch.tensor([loss_sum / gas, tokens], dtype=torch.float64)
+        # Divergence rides on the loss reduction: the count of non-finite trainable tensors.
+        bad_params = _nonfinite(trainable)
+        reduced = torch.tensor([loss_sum / gas, tokens, len(bad_params)], dtype=torch.float64)
         dist.all_reduce(reduced)
         step_time = time.perf_counter() - t0
         loss_val, tokens_all = float(reduced[0] / world), int(reduced[1])
+        grad_norm = eng.grad_norm()
+        what = [w for w, bad in [("loss", not math.isfinite(loss_val)),
+                                 ("gradient norm", grad_norm is not None
+                                  and not math.isfinite(grad_norm))] if bad]
+        if reduced[2]:  # the update itself is poisoned: nothing to skip
+            bar.close()
+            raise _divergence(step, lr, " and ".join(what + [f"values in {int(reduced[2])} "
+                                                             f"trainable tensors"]), newest)
+        if what:
+            skipped += 1
+            if skipped > allowance:
+                bar.close()
+                raise _divergence(step, lr, " and ".join(what), newest)
+            if rank == 0:
+                bar.write(f"[riemann_zero] step {step}: non-finite {' and '.join(what)}; the "
+                          f"engine skipped the update ({skipped} of {allowance} allowed)")
         tokens_seen += tokens_all
         first_loss = loss_val if first_loss is None else first_loss
         last_loss = loss_val
         record = {"step": step, "loss": loss_val, "lr": lr, "tokens": tokens_all,
                   "tokens_per_s": tokens_all / step_time, "step_time_s": step_time,
                   "optim_time_s": optim_time, "epoch": (step * gas) / micro_per_epoch}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        if what:
+            record["skipped"] = True
         if step % recipe.train.log_every == 0 or step == total:  # the same steps on every rank
             if row.health:
                 record.update(_health(eng.client_optimizer))
@@ -236,13 +321,19 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
             emit({"step": step, "eval_loss": _eval_loss(eng, eval_items, collator, recipe, rank,
                                                         world)})
         if recipe.train.save_every and step % recipe.train.save_every == 0:
-            ckpt.save_checkpoint(out / "checkpoints", step, write_engine_state=write_state,
-                                 trainer_state={"step": step, "micro_batches": step * gas},
-                                 rank=rank, barrier=dist.barrier,
-                                 keep_last=recipe.train.keep_last)
+            t_save = time.perf_counter()
+            expected = ckpt.checkpoint_bytes(newest) if newest else _state_bytes(trainable)
+            newest = ckpt.save_checkpoint(
+                out / "checkpoints", step, write_engine_state=write_state,
+                trainer_state={"step": step, "micro_batches": step * gas}, rank=rank,
+                barrier=dist.barrier, keep_last=recipe.train.keep_last, expected_bytes=expected)
+            if rank == 0:
+                bar.write(f"[riemann_zero] checkpoint {newest.name}: "
+                          f"{ckpt.checkpoint_bytes(newest) / 2**20:.1f} MiB in "
+                          f"{time.perf_counter() - t_save:.1f} s")
         if recipe.stop_after is not None and step == recipe.stop_after:
             bar.close()
-            _log(rank, f"stopping after step {step} (stop_after)")
+            log(rank, f"stopping after step {step} (stop_after)")
             return {"stopped": True}
     bar.close()
     eval_loss = _eval_loss(eng, eval_items, collator, recipe, rank, world)

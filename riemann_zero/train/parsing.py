@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["RecipeError", "build_dataclass", "set_dotted", "OFF_WORDS"]
+__all__ = ["RecipeError", "build_dataclass", "set_dotted", "yaml_problem", "OFF_WORDS"]
 
 # What switches a section off, besides YAML's null and false.
 OFF_WORDS = ("null", "none", "~", "false", "off", "no")
@@ -21,6 +21,23 @@ OFF_WORDS = ("null", "none", "~", "false", "off", "no")
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the key and what would be valid."""
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML syntax error in one line: where (line and column, 1-based) and what."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    return f"YAML syntax error at {where}{what}" + (f" ({context})" if context else "")
+
+
+def _yaml_value(key: str, raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"override {key}={raw}: {yaml_problem(err)}; quote the value or fix "
+                          f"its syntax") from None
 
 
 def _unknown_key(path: str, key: str, known: list[str]) -> RecipeError:
@@ -146,7 +163,7 @@ def set_dotted(root: type, data: dict[str, Any], dotted: str, raw: str, *,
         prefix = ".".join(parts[:i])
         if cls is None:  # inside a free mapping (the deepspeed block): any key, YAML value
             if i == len(parts) - 1:
-                node[part] = yaml.safe_load(raw) if raw != "" else ""
+                node[part] = _yaml_value(dotted, raw) if raw != "" else ""
             else:
                 if not isinstance(node.get(part), dict):
                     node[part] = {}
@@ -162,7 +179,10 @@ def set_dotted(root: type, data: dict[str, Any], dotted: str, raw: str, *,
                     node[part] = False
                     return
                 raise _section_error(dotted, tp, switchable)
-            parsed = yaml.safe_load(raw) if raw.strip() else raw
+            try:  # not YAML (e.g. a path starting with @): the raw string, coerced to the field
+                parsed = yaml.safe_load(raw) if raw.strip() else raw
+            except yaml.YAMLError:
+                parsed = raw
             node[part] = parsed if not isinstance(parsed, str) else raw
             return
         if not isinstance(node.get(part), dict):

@@ -1,30 +1,38 @@
 """Preflight: every check that can fail without weights, run on each rank before heavy work.
 
-Data files and dataset names, the batch layout against the world size, the optimizer's engines,
-ZeRO stages, dtype and options (from :mod:`riemann_zero.train.registry`), target modules and the
-rank against the model's layers (the model is built on the meta device
-from its ``config.json``), and whether ``output_dir`` already holds a run (same recipe: resume;
-another recipe: refuse). Each failure is one :class:`~riemann_zero.train.recipe.RecipeError` naming
-the key and the fix.
+Data files (parsed: the file and line of a malformed record, empty files, a local file asked for
+an eval split it does not have) and dataset names, the batch layout against the world size, the
+``deepspeed:`` block against DeepSpeed's own config schema, the optimizer's engines, ZeRO stages,
+dtype and options (from :mod:`riemann_zero.train.registry`), target modules and the rank against
+the model's layers (the model is built on the meta device from its ``config.json``), and whether
+``output_dir`` already holds a run (same recipe: resume from the newest checkpoint whose files
+verify; a run that stopped before its first checkpoint: replaced; another recipe: refuse). Each
+failure is one :class:`~riemann_zero.train.recipe.RecipeError` naming the key and the fix.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from riemann_zero import assets
 from riemann_zero.adapters.layout import rank_error
 from riemann_zero.adapters.loi import loi_rank_error
-from riemann_zero.data.examples import DATASETS, HUB_DATASETS
+from riemann_zero.data.examples import DATASETS, HUB_DATASETS, has_eval_split, load_examples
 from riemann_zero.train import registry
-from riemann_zero.train.checkpoint import latest_checkpoint
+from riemann_zero.train.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    resume_point,
+    verify_checkpoint,
+)
 from riemann_zero.train.recipe import RUN_NEUTRAL_KEYS, Recipe, RecipeError, recipe_to_dict
 
-__all__ = ["Plan", "preflight", "resolve_model_path"]
+__all__ = ["Plan", "preflight", "resolve_model_path", "deepspeed_config"]
 
 _DS_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping")
@@ -41,6 +49,8 @@ class Plan:
     resume_from: Path | None
     finished: bool
     linear_shapes: dict[str, tuple[int, int]]
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # the engine's complete config
+    notes: list[str] = field(default_factory=list)  # what rank 0 tells the user before training
 
 
 def resolve_model_path(name: str) -> str:
@@ -62,11 +72,113 @@ def _check_dataset(key: str, spec: str | None) -> None:
         if not Path(spec).is_file():
             raise RecipeError(f"{key}: data file {spec!r} does not exist (relative paths resolve "
                               f"against {Path.cwd()})")
+        try:  # parsed now, so a bad line fails in seconds, not after the model loaded
+            load_examples(spec, split="train")
+        except ValueError as err:
+            raise RecipeError(f"{key}: {err}") from None
         return
     hint = difflib.get_close_matches(spec, list(DATASETS) + list(HUB_DATASETS), n=1)
     extra = f" (did you mean {hint[0]!r}?)" if hint else ""
     raise RecipeError(f"{key} must be one of {list(DATASETS) + list(HUB_DATASETS)} or a local "
                       f".json/.jsonl file, but got {spec!r}{extra}")
+
+
+def _check_eval_split(rc: Recipe) -> None:
+    dc = rc.data
+    if not dc.eval_limit or dc.eval_split != "eval" or dc.eval not in (None, dc.train):
+        return  # a separate data.eval is read whole (its train split, if it has no other)
+    if not has_eval_split(dc.train):
+        raise RecipeError(
+            f"data.eval_limit={dc.eval_limit} asks for the eval split of data.train={dc.train!r}, "
+            f"which has only a train split; set data.eval_split=holdout (hold {dc.eval_limit} "
+            f"examples out of it), give data.eval=FILE, or set data.eval_limit=0")
+
+
+def deepspeed_config(rc: Recipe, grad_accum: int, global_batch: int) -> dict[str, Any]:
+    """The recipe's ``deepspeed:`` block completed with the batch layout of the train section."""
+    cfg = {k: v for k, v in copy.deepcopy(rc.deepspeed).items() if v != "auto"}
+    cfg.update(train_micro_batch_size_per_gpu=rc.train.micro_batch_size,
+               gradient_accumulation_steps=grad_accum, train_batch_size=global_batch,
+               gradient_clipping=rc.train.gradient_clipping, zero_allow_untested_optimizer=True)
+    cfg.setdefault("steps_per_print", 10**9)
+    cfg.setdefault("wall_clock_breakdown", False)
+    return cfg
+
+
+def _check_deepspeed(cfg: dict[str, Any]) -> None:
+    """Validate the DeepSpeed config with DeepSpeed's own schema (pydantic), one line per error."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set[str] = set()
+
+    class Reads(dict):  # which top-level keys DeepSpeed looks at; it ignores all others silently
+        def get(self, key, *default):
+            seen.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+    # The global batch is ours (checked above against the world size); DeepSpeed would check it
+    # against the world of this not-yet-distributed process.
+    probe = {k: v for k, v in copy.deepcopy(cfg).items() if k != "train_batch_size"}
+    try:
+        DeepSpeedConfig(Reads(probe))
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        section = _section_of(cfg, first["loc"])
+        key = f"deepspeed.{section + '.' if section else ''}{loc}"
+        hint = ""
+        if first["type"] == "extra_forbidden":
+            known = _model_fields(err.title)
+            close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{key}: {first['msg'].lower()}{hint}; see DeepSpeed's config "
+                          f"documentation for {err.title}") from None
+    except (ValueError, AssertionError, TypeError, KeyError) as err:
+        raise RecipeError(f"deepspeed: DeepSpeed rejects this config: {err}") from None
+    for key in sorted(set(probe) - seen):
+        close = difflib.get_close_matches(key, sorted(seen), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise RecipeError(f"deepspeed.{key} is not a DeepSpeed config key (DeepSpeed would ignore "
+                          f"it silently); {hint}remove or rename it")
+
+
+def _section_of(cfg: dict[str, Any], loc: tuple) -> str:
+    """The dotted path of the sub-block of ``cfg`` that holds the key at ``loc``."""
+    def walk(node: Any, path: str) -> str | None:
+        if not isinstance(node, dict):
+            return None
+        if loc and str(loc[0]) in node and path:
+            return path
+        for k, v in node.items():
+            found = walk(v, f"{path}.{k}" if path else str(k))
+            if found is not None:
+                return found
+        return None
+
+    return walk(cfg, "") or ""
+
+
+def _model_fields(title: str) -> list[str]:
+    """Field names (and aliases) of the DeepSpeed pydantic model called ``title``."""
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    todo, names = [DeepSpeedConfigModel], []
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if cls.__name__ == title:
+            for name, f in cls.model_fields.items():
+                names += [name] + ([f.alias] if f.alias else [])
+    return names
 
 
 def _check_options(rc: Recipe) -> None:
@@ -108,15 +220,23 @@ def _check_targets(rc: Recipe, shapes: dict[str, tuple[int, int]], arch: str) ->
                 raise RecipeError(f"lora.r={rc.lora.r} does not fit {name} ({m}x{n}): {problem}")
 
 
-def _check_output_dir(rc: Recipe) -> tuple[Path | None, bool]:
+def _check_output_dir(rc: Recipe, notes: list[str]) -> tuple[Path | None, bool]:
     out = Path(rc.output_dir)
     run_json = out / "run.json"
+    checks = rc.train.verify_checkpoints == "checksum"
     if not run_json.is_file():
         if (out / "checkpoints").exists() or (out / "metrics.jsonl").exists():
             raise RecipeError(f"output_dir {str(out)!r} holds training files but no run.json; "
                               f"choose another output_dir or delete it")
         return None, False
     old = json.loads(run_json.read_text())
+    status = old.get("status")
+    if status != "finished" and not list_checkpoints(out / "checkpoints"):
+        # Stopped before its first checkpoint (failed, diverged or killed; the lock says no run
+        # is alive): nothing to resume, nothing to lose.
+        notes.append(f"output_dir {out} holds a run that stopped before its first checkpoint "
+                     f"(status {status!r}); replacing it")
+        return None, False
     if rc.resume == "never":
         raise RecipeError(f"output_dir {str(out)!r} already holds a run; pass resume=auto to "
                           f"continue it or choose another output_dir")
@@ -125,10 +245,20 @@ def _check_output_dir(rc: Recipe) -> tuple[Path | None, bool]:
         shown = "; ".join(f"{k}: {a!r} there vs {b!r} here" for k, a, b in diffs[:5])
         raise RecipeError(f"output_dir {str(out)!r} holds another run (recipe differs: {shown}); "
                           f"choose another output_dir or delete that one")
-    if old.get("status") == "finished":
+    if status == "finished":
         return None, True
     if rc.resume == "auto":
-        return latest_checkpoint(out / "checkpoints"), False
+        try:
+            found, skipped = resume_point(out / "checkpoints", checksums=checks)
+        except CheckpointError as err:
+            raise RecipeError(str(err)) from None
+        if skipped:
+            notes += skipped + [f"resuming from {found.name}, the newest intact checkpoint"]
+        return found, False
+    problem = verify_checkpoint(rc.resume, checksums=checks)
+    if problem is not None:
+        raise RecipeError(f"resume={rc.resume}: {problem}; pass resume=auto to take the newest "
+                          f"intact checkpoint")
     return Path(rc.resume), False
 
 
@@ -179,6 +309,7 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> P
     _check_options(rc)
     _check_dataset("data.train", rc.data.train)
     _check_dataset("data.eval", rc.data.eval)
+    _check_eval_split(rc)
     if rc.data.eval_split == "holdout" and rc.data.eval not in (None, rc.data.train):
         raise RecipeError("data.eval_split=holdout holds examples out of data.train; leave "
                           "data.eval unset (or equal to data.train)")
@@ -207,9 +338,13 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> P
         except (OSError, ValueError) as err:
             raise RecipeError(f"model.name_or_path: cannot read the config of {path!r} ({err}); "
                               f"give a local model directory or a reachable hub id") from None
+    ds_config = deepspeed_config(rc, gas, mb * gas * world_size)
+    if rc.engine == "deepspeed":
+        _check_deepspeed(ds_config)
     shapes = _linear_shapes(model_config)
     _check_targets(rc, shapes, type(model_config).__name__)
-    resume_from, finished = _check_output_dir(rc)
+    notes: list[str] = []
+    resume_from, finished = _check_output_dir(rc, notes)
     return Plan(model_path=path, model_config=model_config, grad_accum=gas,
                 global_batch=mb * gas * world_size, resume_from=resume_from, finished=finished,
-                linear_shapes=shapes)
+                linear_shapes=shapes, deepspeed=ds_config, notes=notes)

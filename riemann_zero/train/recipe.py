@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 
 from riemann_zero.train import registry
-from riemann_zero.train.parsing import RecipeError, build_dataclass, set_dotted
+from riemann_zero.train.parsing import RecipeError, build_dataclass, set_dotted, yaml_problem
 
 __all__ = [
     "ModelConfig",
@@ -134,6 +135,10 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps; 0 = no intermediate checkpoints
     keep_last: int = 2
     log_every: int = 1
+    # Steps with a non-finite loss tolerated when the engine skipped their update (DeepSpeed's
+    # overflow check); the run stops at the next one. None: 0 in fp32, 3 with bf16/fp16.
+    skip_nonfinite_steps: int | None = None
+    verify_checkpoints: str = "checksum"  # at resume: "checksum" (SHA-256) or "size" only
 
 
 @dataclass
@@ -171,7 +176,8 @@ class Recipe:
 
 
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
-RUN_NEUTRAL_KEYS = ("output_dir", "resume", "stop_after", "eval_after", "train.log_every")
+RUN_NEUTRAL_KEYS = ("output_dir", "resume", "stop_after", "eval_after", "train.log_every",
+                    "train.verify_checkpoints")
 # Sections that ``null``/``false`` (in YAML or as ``eval_after=null``) switch off: their defaults
 # are the switched-off state.
 SWITCHABLE_SECTIONS = ("eval_after",)
@@ -192,7 +198,20 @@ def _positive(key: str, value: float | None, *, allow_zero: bool = False) -> Non
         raise RecipeError(f"{key} must be {bound}, but got {value!r}")
 
 
+def _check_finite(data: Any, key: str = "") -> None:
+    """Every number anywhere in the recipe (the deepspeed block and options too) is finite."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _check_finite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            _check_finite(v, f"{key}[{i}]")
+    elif isinstance(data, float) and not math.isfinite(data):
+        raise RecipeError(f"{key} is {data!r}; every number in a recipe must be finite")
+
+
 def _check_values(rc: Recipe) -> None:
+    _check_finite(dataclasses.asdict(rc))
     _choices("engine", rc.engine, ENGINES)
     _choices("model.dtype", rc.model.dtype, DTYPES)
     _choices("init.method", rc.init.method, registry.INIT_METHODS)
@@ -200,6 +219,7 @@ def _check_values(rc: Recipe) -> None:
     _choices("schedule.type", rc.schedule.type, SCHEDULES)
     _choices("data.template", rc.data.template, ("chat", "alpaca"))
     _choices("data.eval_split", rc.data.eval_split, ("eval", "holdout"))
+    _choices("train.verify_checkpoints", rc.train.verify_checkpoints, ("checksum", "size"))
     for key, value in [("lora.r", rc.lora.r), ("optimizer.lr", rc.optimizer.lr),
                        ("train.micro_batch_size", rc.train.micro_batch_size),
                        ("train.epochs", rc.train.epochs), ("max_steps", rc.max_steps),
@@ -207,7 +227,8 @@ def _check_values(rc: Recipe) -> None:
                        rc.data.max_length), ("stop_after", rc.stop_after),
                        ("train.global_batch_size", rc.train.global_batch_size),
                        ("train.gradient_accumulation_steps", rc.train.gradient_accumulation_steps),
-                       ("init.batches", rc.init.batches), ("train.log_every", rc.train.log_every)]:
+                       ("init.batches", rc.init.batches), ("train.log_every", rc.train.log_every),
+                       ("eval_after.limit", rc.eval_after.limit)]:
         _positive(key, value)
     for key, value in [("optimizer.weight_decay", rc.optimizer.weight_decay),
                        ("train.gradient_clipping", rc.train.gradient_clipping),
@@ -215,7 +236,8 @@ def _check_values(rc: Recipe) -> None:
                        ("train.save_every", rc.train.save_every),
                        ("schedule.warmup_steps", rc.schedule.warmup_steps),
                        ("init.p", rc.init.p), ("init.q", rc.init.q),
-                       ("init.niter", rc.init.niter)]:
+                       ("init.niter", rc.init.niter),
+                       ("train.skip_nonfinite_steps", rc.train.skip_nonfinite_steps)]:
         _positive(key, value, allow_zero=True)
     if not 0.0 <= rc.schedule.warmup_ratio < 1.0:
         raise RecipeError(f"schedule.warmup_ratio must be in [0, 1), but got "
@@ -266,7 +288,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise RecipeError(f"recipe file {str(path)!r} does not exist; recipes live in "
                               f"recipes/*.yaml")
         with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as err:
+                raise RecipeError(f"{path}: {yaml_problem(err)}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"{path} must hold a YAML mapping at top level, but got "
                               f"{type(data).__name__}")

@@ -39,11 +39,23 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path):
     _save(tmp_path, 3)
     with pytest.raises(RuntimeError, match="killed mid-save"):
         _save(tmp_path, 6, fail=True)
-    # the half-written step 6 stays in the staging area and is never picked up
+    # the half-written step 6 is removed with its staging folder and never picked up
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
-    assert not (tmp_path / "step-00000006").exists()
-    _save(tmp_path, 6)  # the next save clears the stale staging directory
+    assert not (tmp_path / "step-00000006").exists() and not (tmp_path / ".tmp").exists()
+    _save(tmp_path, 6)
     assert ckpt.latest_checkpoint(tmp_path).name == "step-00000006"
+
+
+def test_killed_save_leaves_staging_that_the_next_save_clears(tmp_path):
+    _save(tmp_path, 3)
+    stale = tmp_path / ".tmp" / "step-00000006"  # what kill -9 mid-save leaves
+    stale.mkdir(parents=True)
+    (stale / "model.bin").write_bytes(b"half")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
+    _save(tmp_path, 6)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000006"
+    assert (tmp_path / "step-00000006" / "model.bin").read_bytes() == bytes([6]) * 16
+    assert not (tmp_path / ".tmp").exists()
 
 
 def test_directory_without_marker_is_ignored(tmp_path):

@@ -66,11 +66,14 @@ def test_output_dir_holding_another_run(tmp_path, no_weights):
 
     (run / "run.json").write_text(json.dumps({"recipe": recipe_to_dict(other),
                                               "status": "running"}))
+    step = run / "checkpoints" / "step-00000003"  # something to protect
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text(json.dumps({"step": 3}))
     with pytest.raises(RecipeError, match=r"holds another run .*optimizer.lr: 0.5 there"):
         preflight(_recipe(tmp_path))
     # the same recipe (run-neutral keys aside) is a resume, not a clash
     plan = preflight(_recipe(tmp_path, "optimizer.lr=0.5", "stop_after=3"))
-    assert plan.resume_from is None  # no checkpoint yet
+    assert plan.resume_from == step
     with pytest.raises(RecipeError, match="already holds a run; pass resume=auto"):
         preflight(_recipe(tmp_path, "optimizer.lr=0.5", "resume=never"))
 
