@@ -11,12 +11,17 @@ STAMP   := $(VENV)/.installed
 .PHONY: install assets test test-slow demo bench bench-comm bench-convergence eval-prepare lint clean
 
 $(STAMP): pyproject.toml
+	@echo "[install 1/4] virtual environment in $(VENV)"
 	$(PY) -m venv $(VENV)
+	@echo "[install 2/4] pip"
 	$(BIN)/pip install --quiet --upgrade pip
+	@echo "[install 3/4] torch 2.13.0, the CPU build (about 200 MB)"
 	# torch first and pinned exactly: anything looser pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
+	@echo "[install 4/4] this package and its dependencies (DeepSpeed, transformers, PEFT, lm-eval, ...)"
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+	@echo "[install] done"
 
 install: $(STAMP)
 

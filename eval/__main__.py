@@ -56,6 +56,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="beam search for protocol (b); the papers use 4 (default greedy)")
     p.add_argument("--output-dir", default=None, help="default RUN_DIR/eval")
     p.add_argument("--no-base", action="store_true", help="skip the base model row")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace earlier results of this suite computed with other settings "
+                        "(without it they are kept and the rerun is refused)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning"], default="info",
+                   help="how much lm-eval and transformers print (default info: repeats once)")
     return p
 
 
@@ -82,16 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     from eval.runner import evaluate
 
     try:
-        evaluate(args.run_dir, args.suite, limit=args.limit, compare=args.compare,
+        results = evaluate(args.run_dir, args.suite, limit=args.limit, compare=args.compare,
                  base=args.base, tasks=args.tasks.split(",") if args.tasks else None,
                  template=args.template, batch_size=args.batch_size, device=args.device,
                  max_gen_toks=args.max_gen_toks, num_beams=args.num_beams,
-                 output_dir=args.output_dir, include_base=not args.no_base)
+                 output_dir=args.output_dir, include_base=not args.no_base,
+                 overwrite=args.overwrite, log_level=args.log_level)
     except ValueError as err:
         print(f"python -m eval: error: {err}", file=sys.stderr)
         return 2
-    out = args.output_dir or "RUN_DIR/eval"
-    print(f"wrote {out}/results.json, results.md, results_{args.suite}.png")
+    out = results["output_dir"]
+    with open(os.path.join(out, "results.md")) as fh:  # the table, where the user is looking
+        print("\n" + fh.read())
+    print(f"wrote {out}/results.json, {out}/results.md, {out}/results_{args.suite}.png")
     return 0
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from riemann_zero import assets
+
 __all__ = ["Target", "resolve", "check_compatible", "adapter_label"]
 
 log = logging.getLogger(__name__)
@@ -58,7 +60,7 @@ def resolve(path: str | os.PathLike, base: str | None = None) -> Target:
     config = json.loads((adapter / "adapter_config.json").read_text())
     named = config.get("base_model_name_or_path")
     recipe = _recipe(adapter)
-    chosen = base or named
+    chosen = base or (assets.resolve_name(named) if named else None)
     if not chosen:
         raise ValueError(f"{adapter}/adapter_config.json names no base_model_name_or_path; "
                          f"pass --base PATH")
@@ -93,6 +95,7 @@ def check_compatible(adapter: Path, base: str) -> None:
 
     config = json.loads((adapter / "adapter_config.json").read_text())
     named = config.get("base_model_name_or_path")
+    named = assets.resolve_name(named) if named else named
     if named and Path(str(named)).resolve() != Path(base).resolve() and named != base:
         log.warning("adapter %s names base %s but %s is used", adapter, named, base)
     try:

@@ -1,13 +1,22 @@
-"""``results.md`` (a table per suite) and ``results_<suite>.png`` (grouped bars)."""
+"""``results.md`` (a table per suite) and ``results_<suite>.png`` (grouped bars).
+
+Every accuracy carries its 95 % Wilson score interval from the number of documents scored (with
+15 documents one question moves a score by 6.7 points, and the interval says so); the generative
+protocol also reports how often the model wrote a label at all ("answered").
+"""
 
 from __future__ import annotations
 
+import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
 from eval import suites
 
-__all__ = ["PUBLISHED", "table_rows", "write", "markdown", "chart"]
+__all__ = ["PUBLISHED", "wilson", "table_rows", "write", "markdown", "chart"]
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 # Llama-3-8B, LLM-Adapters generative protocol (b), accuracy %, in COMMONSENSE_TASKS order:
 # BoolQ, PIQA, SIQA, HellaSwag, WinoGrande, ARC-e, ARC-c, OBQA (arXiv 2507.12142 v2 Table 1,
@@ -24,6 +33,28 @@ PUBLISHED: dict[str, list[float]] = {
 PUBLISHED_MODEL = "Meta-Llama-3-8B"
 
 
+def wilson(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval (low, high) of a binomial proportion p observed over n trials."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _n_docs(model: dict[str, Any], task: str) -> int:
+    n = (model.get("n_samples") or {}).get(task) or {}
+    return int(n.get("effective") or 0)
+
+
+def _interval(model: dict[str, Any], col: suites.Column) -> tuple[float, float] | None:
+    value, n = _value(model, col), _n_docs(model, col.task)
+    if value is None or not n:
+        return None
+    low, high = wilson(value / 100.0, n)
+    return 100.0 * low, 100.0 * high
+
+
 def _value(model: dict[str, Any], col: suites.Column) -> float | None:
     res = model["results"].get(col.task)
     if res is None or res.get(col.metric) is None:
@@ -31,11 +62,15 @@ def _value(model: dict[str, Any], col: suites.Column) -> float | None:
     return 100.0 * float(res[col.metric])
 
 
+def _columns(suite_results: dict[str, Any], section: str) -> list[suites.Column]:
+    return [c for c in suites.SUITES[suite_results["suite"]]
+            if c.section == section and c.task in suite_results["tasks"]]
+
+
 def table_rows(suite_results: dict[str, Any], section: str
                ) -> tuple[list[str], list[tuple[str, list[float | None]]]]:
     """Column labels and one row of percentages per model for one section of a suite."""
-    cols = [c for c in suites.SUITES[suite_results["suite"]]
-            if c.section == section and c.task in suite_results["tasks"]]
+    cols = _columns(suite_results, section)
     rows = [(label, [_value(m, c) for c in cols])
             for label, m in suite_results["models"].items()]
     return [c.label for c in cols], rows
@@ -43,6 +78,16 @@ def table_rows(suite_results: dict[str, Any], section: str
 
 def _fmt(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
+
+
+def _cell(v: float | None, ci: tuple[float, float] | None) -> str:
+    return _fmt(v) if ci is None else f"{_fmt(v)} ({ci[0]:.0f}–{ci[1]:.0f})"
+
+
+def _answered(model: dict[str, Any], col: suites.Column) -> float | None:
+    res = model["results"].get(col.task) or {}
+    value = res.get("answered,none")
+    return None if value is None else 100.0 * float(value)
 
 
 def _avg(values: list[float | None]) -> float | None:
@@ -58,9 +103,19 @@ def _section_md(res: dict[str, Any], section: str) -> list[str]:
     head = ["model", *labels] + (["Avg"] if with_avg else [])
     lines = [f"#### {section}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
+    cols = _columns(res, section)
     for label, values in rows:
-        cells = [_fmt(v) for v in values] + ([_fmt(_avg(values))] if with_avg else [])
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        model = res["models"][label]
+        cells = [_cell(v, _interval(model, c)) for v, c in zip(values, cols)]
+        lines.append(f"| {label} | " + " | ".join(cells)
+                     + (f" | {_fmt(_avg(values))} |" if with_avg else " |"))
+    answered = [(label, [_answered(res["models"][label], c) for c in cols]) for label, _ in rows]
+    if any(v is not None for _, values in answered for v in values):
+        lines += ["", "Answered (% of documents where the model wrote one of the task's labels; "
+                      "the rest score 0):", "", "| model | " + " | ".join(labels) + " |",
+                  "|" + "---|" * (len(labels) + 1)]
+        lines += [f"| {label} | " + " | ".join(_fmt(v) for v in values) + " |"
+                  for label, values in answered]
     if res["suite"] == "commonsense" and section == suites.PROTOCOL_B:
         lines += _published_md(res, labels)
     return lines + [""]
@@ -98,7 +153,8 @@ def markdown(results: dict[str, Any]) -> str:
                   + (f" (`--limit {res['limit']}`)" if res["limit"] else " (full sets)")
                   + f"; template `{res['template']}`"
                   + (f"; {res['num_beams']} beams" if res.get("num_beams") else "; greedy")
-                  + f". Chart: `results_{suite}.png`.", ""]
+                  + ". In brackets: the 95 % interval (Wilson, from the documents scored)."
+                  + f" Chart: `results_{suite}.png`.", ""]
         for section in suites.SECTIONS[suite]:
             lines += _section_md(res, section)
     return "\n".join(lines)
@@ -111,24 +167,38 @@ def chart(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, series = [], {}
+    labels, series, bounds = [], {}, {}
     for section in suites.SECTIONS[res["suite"]]:
         cols, rows = table_rows(res, section)
         prefix = section.split(")")[0] + ") " if section.startswith("(") else ""
         labels += [prefix + c for c in cols]
         for model, values in rows:
             series.setdefault(model, []).extend(values)
+            bounds.setdefault(model, []).extend(
+                _interval(res["models"][model], c) for c in _columns(res, section))
     width = 0.8 / max(1, len(series))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(labels) * max(1, len(series)) ** 0.5),
                                     4.0))
     for i, (model, values) in enumerate(series.items()):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        ax.bar(xs, [v or 0.0 for v in values], width, label=model)
+        heights = [v or 0.0 for v in values]
+        err = [[h - ci[0] if ci else 0.0 for h, ci in zip(heights, bounds[model])],
+               [ci[1] - h if ci else 0.0 for h, ci in zip(heights, bounds[model])]]
+        bars = ax.bar(xs, heights, width, label=model, yerr=err, capsize=2,
+                      error_kw={"elinewidth": 0.8, "alpha": 0.7})
+        for x, v, bar in zip(xs, values, bars):  # zero (and missing) bars stay visible
+            if not v:
+                ax.plot([x - width / 2, x + width / 2], [0, 0], lw=2.5,
+                        color=bar.get_facecolor())
+                ax.annotate("–" if v is None else "0", (x, 0), xytext=(0, 2),
+                            textcoords="offset points", ha="center", fontsize=6)
+    ax.set_ylim(bottom=-2)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("%")
+    ax.set_ylabel("% (bars: 95 % interval)")
     limit = f", --limit {res['limit']}" if res["limit"] else ""
-    ax.set_title(f"{res['suite']} ({Path(str(res['base'])).name}{limit})")
+    title = f"{res['suite']} ({Path(str(res['base'])).name}{limit})"
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

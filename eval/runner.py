@@ -19,6 +19,7 @@ from typing import Any
 
 from eval import checks, report, suites
 from riemann_zero import io
+from riemann_zero.progress import configure_logging, say
 
 __all__ = ["evaluate", "versions"]
 
@@ -74,6 +75,26 @@ class _Model:
         return self._lm
 
 
+def _refuse_overwrite(out_dir: Path, suite: str, settings: dict[str, Any], adapter: str,
+                      overwrite: bool) -> None:
+    """Earlier results of this suite with other settings (or another adapter) are kept."""
+    path = out_dir / "results.json"
+    if overwrite or not path.exists():
+        return
+    old = json.loads(path.read_text())
+    res = old.get("suites", {}).get(suite)
+    if res is None and old.get("adapter") in (None, adapter):
+        return
+    before = {k: (res or {}).get(k) for k in settings}
+    if old.get("adapter") == adapter and before == settings:
+        return  # the same evaluation again: cached tasks are reused
+    diff = ", ".join(f"{k} {before[k]!r} there vs {settings[k]!r} now" for k in settings
+                     if before[k] != settings[k]) or f"adapter {old.get('adapter')}"
+    raise ValueError(f"{out_dir} already holds {suite} results computed with other settings "
+                     f"({diff}); pass --output-dir DIR to write beside them, or --overwrite to "
+                     f"replace them")
+
+
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
 
@@ -102,7 +123,8 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
              tasks: list[str] | None = None, template: str | None = None,
              batch_size: int = 8, device: str = "cpu", max_gen_toks: int | None = None,
              num_beams: int | None = None, output_dir: str | os.PathLike | None = None,
-             include_base: bool = True) -> dict[str, Any]:
+             include_base: bool = True, overwrite: bool = False,
+             log_level: str = "info") -> dict[str, Any]:
     """Score a run's adapter (and the base model, and ``compare`` adapters) on one suite.
 
     Args:
@@ -120,10 +142,18 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
         num_beams: beam search for protocol (b) (the papers use 4); default greedy.
         output_dir: where results go; default ``RUN_DIR/eval``.
         include_base: also score the base model without adapter.
+        overwrite: replace this suite's results in ``output_dir`` even when they were computed
+            with other settings (without it such a rerun is refused: nothing is overwritten).
+        log_level: ``riemann_zero.progress.configure_logging`` level for lm-eval's messages.
 
     Returns:
         The content written to ``results.json``: shared fields (adapter, base, recipe,
-        versions, data sources) and ``suites[suite]`` with every model's lm-eval results.
+        versions, data sources, output_dir) and ``suites[suite]`` with every model's lm-eval
+        results.
+
+    Raises:
+        ValueError: bad arguments, or ``output_dir`` holding this suite's results computed with
+            other settings (and ``overwrite`` not given).
     """
     from tqdm.auto import tqdm
 
@@ -136,11 +166,16 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
         template = ((target.recipe or {}).get("data", {}) or {}).get("template") or "chat"
     if template not in ("chat", "alpaca"):
         raise ValueError(f"template must be 'chat' or 'alpaca', but got {template!r}")
-    out_dir = Path(output_dir) if output_dir else target.run_dir / "eval"
+    out_dir = (Path(output_dir) if output_dir else target.run_dir / "eval").resolve()
+    settings = {"limit": limit, "template": template, "num_beams": num_beams,
+                "max_gen_toks": max_gen_toks, "tasks": task_names}
+    _refuse_overwrite(out_dir, suite, settings, str(target.adapter), overwrite)
     cache_dir = out_dir / "cache"
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     from lm_eval.tasks import TaskManager
+
+    configure_logging(log_level)
 
     from eval import data
 
@@ -160,6 +195,7 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
     per_model: dict[str, dict[str, Any]] = {}
     provenance: dict[str, list[str]] = {"computed": [], "cached": []}
     bar = tqdm(total=len(models) * len(task_names), desc=f"eval {suite}", unit="task")
+    started, clock = time.time(), time.perf_counter()
     for model in models:
         per_model[model.label] = {"adapter": str(model.adapter) if model.adapter else None,
                                   "tasks": {}}
@@ -182,7 +218,11 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
                 provenance["computed"].append(f"{model.label}/{task}")
             per_model[model.label]["tasks"][task] = entry
             bar.update(1)
+            done = "cached" if path.stat().st_mtime < started else f"{entry['seconds']:.0f} s"
+            bar.write(f"[eval] {model.label} / {task}: {done}")
     bar.close()
+    say(f"eval {suite}: {len(models)} models x {len(task_names)} tasks in "
+        f"{time.perf_counter() - clock:.0f} s")
 
     suite_results = {
         "suite": suite, "limit": limit, "template": template, "num_beams": num_beams,
@@ -200,6 +240,7 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
     if results.get("adapter") != str(target.adapter) or results.get("base") != target.base:
         results = {}  # another adapter or base: start afresh
     results.update({
+        "output_dir": str(out_dir),
         "adapter": str(target.adapter), "adapter_label": checks.adapter_label(target.adapter),
         "base": target.base, "recipe": target.recipe,
         "adapter_config": json.loads((target.adapter / "adapter_config.json").read_text()),

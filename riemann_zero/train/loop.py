@@ -25,6 +25,7 @@ from riemann_zero.data.examples import has_eval_split, load_examples
 from riemann_zero.data.tokens import Collator, tokenize
 from riemann_zero.io import write_json, write_text_atomically
 from riemann_zero.optim.base import manifold_health
+from riemann_zero.progress import say, stage
 from riemann_zero.sharding.params import gathered, local_values
 from riemann_zero.train import checkpoint as ckpt
 from riemann_zero.train import registry
@@ -38,18 +39,12 @@ from riemann_zero.train.engines import DeepSpeedEngine, FSDP2Engine
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe, RecipeError
 
-__all__ = ["run_training", "Diverged", "log"]
+__all__ = ["run_training", "Diverged"]
 
 
 class Diverged(RuntimeError):
     """Training produced a non-finite loss, gradient norm or parameter; nothing of that step was
     saved. The message is one line: the step, what was non-finite, the lr and what to try."""
-
-
-def log(rank: int, msg: str) -> None:
-    """One ``[riemann_zero]`` line on rank 0."""
-    if rank == 0:
-        print(f"[riemann_zero] {msg}", flush=True)
 
 
 def _collate(items: list[dict], idx: list[int], collator, device) -> dict:
@@ -160,20 +155,23 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dc = recipe.data
-    if dc.eval_split == "holdout":  # the first eval_limit shuffled examples never train
-        limit = None if dc.train_limit is None else dc.train_limit + dc.eval_limit
-        pool = load_examples(dc.train, split="train", limit=limit, seed=recipe.seed)
-        eval_ex, train_ex = pool[:dc.eval_limit], pool[dc.eval_limit:]
-    else:
-        train_ex = load_examples(dc.train, split="train", limit=dc.train_limit,
-                                        seed=recipe.seed)
-        source = dc.eval or dc.train
-        split = "eval" if has_eval_split(source) else "train"  # a separate eval file: all of it
-        eval_ex = load_examples(source, split=split, limit=dc.eval_limit,
-                                seed=recipe.seed) if dc.eval_limit else []
+    with stage(f"loading data.train={dc.train}" + (f" (limit {dc.train_limit})"
+                                                   if dc.train_limit else "")):
+        if dc.eval_split == "holdout":  # the first eval_limit shuffled examples never train
+            limit = None if dc.train_limit is None else dc.train_limit + dc.eval_limit
+            pool = load_examples(dc.train, split="train", limit=limit, seed=recipe.seed)
+            eval_ex, train_ex = pool[:dc.eval_limit], pool[dc.eval_limit:]
+        else:
+            train_ex = load_examples(dc.train, split="train", limit=dc.train_limit,
+                                     seed=recipe.seed)
+            source = dc.eval or dc.train
+            split = "eval" if has_eval_split(source) else "train"  # a separate eval file: all
+            eval_ex = load_examples(source, split=split, limit=dc.eval_limit,
+                                    seed=recipe.seed) if dc.eval_limit else []
     tok_kw = {"template": dc.template, "max_length": dc.max_length}
-    train_items = tokenize(train_ex, tokenizer, packing=dc.packing, **tok_kw)
-    eval_items = tokenize(eval_ex, tokenizer, **tok_kw) if eval_ex else []
+    with stage(f"tokenising {len(train_ex)} train and {len(eval_ex)} eval examples"):
+        train_items = tokenize(train_ex, tokenizer, packing=dc.packing, **tok_kw)
+        eval_items = tokenize(eval_ex, tokenizer, **tok_kw) if eval_ex else []
     collator = Collator(tokenizer)
     mb, gas = recipe.train.micro_batch_size, plan.grad_accum
     micro_per_epoch = len(batch_order(len(train_items), seed=recipe.seed, epoch=0, rank=rank,
@@ -183,10 +181,9 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         raise ValueError(f"{len(train_items)} training examples make no full optimizer step of "
                          f"{plan.global_batch} examples; lower the batch or add data")
     total = recipe.max_steps or max(1, int(recipe.train.epochs * steps_per_epoch))
-    log(rank, f"data ready ({time.perf_counter() - t0:.0f} s): "
-               f"{len(train_items)} train / {len(eval_items)} eval examples; global batch "
-               f"{plan.global_batch} = {mb} x {gas} x {world}; {total} steps "
-               f"({total / steps_per_epoch:.2f} epochs)")
+    say(f"data ready ({time.perf_counter() - t0:.0f} s): {len(train_items)} train / "
+        f"{len(eval_items)} eval examples; global batch {plan.global_batch} = {mb} x {gas} x "
+        f"{world}; {total} steps ({total / steps_per_epoch:.2f} epochs)")
 
     # Model. The calibration batches of LOI (and LoRA-GA) are shared out over the ranks and their
     # sketches (gradients) summed, so every rank builds the same model and none does all passes.
@@ -195,12 +192,14 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     mine = first[: per_rank * world][rank::world]
     calibration = [_collate(train_items, idx, collator, device) for idx in mine]
     set_seed(recipe.seed)  # the same initial adapter on every rank
-    model = build_model(recipe, plan, calibration, device,
-                        reduce=(lambda t: dist.all_reduce(t)) if world > 1 else None, world=world)
+    with stage(f"loading {recipe.model.name_or_path} with LoRA r={recipe.lora.r} and "
+               f"{recipe.init.method} init"):
+        model = build_model(recipe, plan, calibration, device,
+                            reduce=(lambda t: dist.all_reduce(t)) if world > 1 else None,
+                            world=world)
     set_seed(recipe.seed + 1 + rank)  # then independent dropout masks per rank
     row = registry.spec(recipe.optimizer.name)
     manifold = row.layout == "manifold"
-    log(rank, f"model ready ({time.perf_counter() - t0:.0f} s): {recipe.init.method} init")
     lr_fn = lr_lambda(recipe, total)
     if recipe.engine == "deepspeed":
         eng = DeepSpeedEngine(model, build_optimizer(recipe, model), lr_fn, plan.deepspeed)
@@ -208,7 +207,7 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         eng = FSDP2Engine(model, lambda m: build_optimizer(recipe, m), lr_fn, gas,
                           recipe.train.gradient_clipping, device, manifold=manifold)
 
-    log(rank, f"{recipe.engine} engine ready ({time.perf_counter() - t0:.0f} s)")
+    say(f"{recipe.engine} engine ready ({time.perf_counter() - t0:.0f} s)")
     # Resume: the engine's state, then this rank's loop state and RNG streams.
     write_state, read_state = eng.io(exclude_frozen=True)
     start = 0
@@ -232,7 +231,7 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
                    if older else "no earlier checkpoint is left: delete output_dir to start over")
             raise RecipeError(f"checkpoint {plan.resume_from} holds non-finite values in "
                               f"{int(bad.item())} trainable tensors; {fix}")
-        log(rank, f"resumed from {plan.resume_from} at step {start}")
+        say(f"resumed from {plan.resume_from} at step {start}")
     metrics_path = out / "metrics.jsonl"
     if rank == 0:  # drop lines written after the checkpoint we resumed from (all: a fresh start)
         lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
@@ -333,7 +332,7 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
                           f"{time.perf_counter() - t_save:.1f} s")
         if recipe.stop_after is not None and step == recipe.stop_after:
             bar.close()
-            log(rank, f"stopping after step {step} (stop_after)")
+            say(f"stopping after step {step} (stop_after)")
             return {"stopped": True}
     bar.close()
     eval_loss = _eval_loss(eng, eval_items, collator, recipe, rank, world)

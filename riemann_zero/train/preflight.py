@@ -55,14 +55,10 @@ class Plan:
 
 def resolve_model_path(name: str) -> str:
     """``asset:smollm2[:LAYERS]`` → the cached local copy; anything else is returned unchanged."""
-    if not name.startswith("asset:"):
-        return name
-    parts = name.split(":")
-    if parts[1] != "smollm2" or len(parts) > 3:
-        raise RecipeError(f"model.name_or_path {name!r}: the only asset model is "
-                          f"'asset:smollm2' or 'asset:smollm2:LAYERS' (e.g. asset:smollm2:4)")
-    layers = int(parts[2]) if len(parts) == 3 else None
-    return str(assets.smollm2(layers=layers))
+    try:
+        return assets.resolve_name(name)
+    except ValueError as err:
+        raise RecipeError(f"model.name_or_path {err}") from None
 
 
 def _check_dataset(key: str, spec: str | None) -> None:

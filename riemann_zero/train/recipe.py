@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from riemann_zero.progress import LOG_LEVELS
 from riemann_zero.train import registry
 from riemann_zero.train.parsing import RecipeError, build_dataclass, set_dotted, yaml_problem
 
@@ -40,6 +41,7 @@ __all__ = [
     "recipe_to_dict",
     "RUN_NEUTRAL_KEYS",
     "SWITCHABLE_SECTIONS",
+    "SMOKE",
 ]
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -159,6 +161,8 @@ class Recipe:
     seed: int = 0
     resume: str = "auto"  # auto | never | PATH of a checkpoint directory
     stop_after: int | None = None  # simulate a crash right after this step (tests of resume)
+    smoke: bool = False  # a quick check of the pipeline: SMOKE's settings win over the recipe's
+    log_level: str = "info"  # debug | info | warning (what the libraries print; see progress)
     engine: str = "deepspeed"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -177,7 +181,16 @@ class Recipe:
 
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
 RUN_NEUTRAL_KEYS = ("output_dir", "resume", "stop_after", "eval_after", "train.log_every",
-                    "train.verify_checkpoints")
+                    "train.verify_checkpoints", "log_level")
+# What ``smoke=true`` sets, whatever the recipe says: the real 2-layer SmolLM2 cut, one LOI
+# calibration batch without power steps, a few short steps, no checkpoints, no eval stage. It
+# checks that a recipe's data, optimizer, engine and export run end to end (the model is
+# replaced, so it says nothing about the recipe's own model).
+SMOKE = ("model.name_or_path=asset:smollm2:2", "max_steps=5", "init.batches=1", "init.q=0",
+         "data.train_limit=40", "data.eval_limit=8", "data.max_length=96",
+         "train.micro_batch_size=2", "train.gradient_accumulation_steps=null",
+         "train.global_batch_size=null", "train.save_every=0", "train.eval_every=0",
+         "eval_after=null")
 # Sections that ``null``/``false`` (in YAML or as ``eval_after=null``) switch off: their defaults
 # are the switched-off state.
 SWITCHABLE_SECTIONS = ("eval_after",)
@@ -220,6 +233,7 @@ def _check_values(rc: Recipe) -> None:
     _choices("data.template", rc.data.template, ("chat", "alpaca"))
     _choices("data.eval_split", rc.data.eval_split, ("eval", "holdout"))
     _choices("train.verify_checkpoints", rc.train.verify_checkpoints, ("checksum", "size"))
+    _choices("log_level", rc.log_level, LOG_LEVELS)
     for key, value in [("lora.r", rc.lora.r), ("optimizer.lr", rc.optimizer.lr),
                        ("train.micro_batch_size", rc.train.micro_batch_size),
                        ("train.epochs", rc.train.epochs), ("max_steps", rc.max_steps),
@@ -296,5 +310,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise RecipeError(f"{path} must hold a YAML mapping at top level, but got "
                               f"{type(data).__name__}")
     data = apply_overrides(data, list(overrides))
+    if build_dataclass(Recipe, data, switchable=SWITCHABLE_SECTIONS).smoke:
+        data = apply_overrides(data, list(SMOKE))
     return build_dataclass(Recipe, data, switchable=SWITCHABLE_SECTIONS)
 

@@ -132,3 +132,48 @@ def test_full_suites_limit_20(suite, run_dir, tmp_path):
                    for c in suites.SUITES[suite])
     assert _is_png(tmp_path / "eval" / f"results_{suite}.png")
     assert (tmp_path / "eval" / "results.md").read_text().count("| base |") >= 1
+
+
+def test_rerun_with_other_settings_keeps_earlier_results(commonsense, run_dir, tmp_path):
+    results = run_dir / "eval" / "results.json"
+    before = results.read_text()
+    with pytest.raises(ValueError, match=r"already holds commonsense results computed with other "
+                                         r"settings \(limit 20 there vs 3 now\); pass "
+                                         r"--output-dir DIR to write beside them, or --overwrite"):
+        runner.evaluate(run_dir, "commonsense", limit=3, tasks=CS_TASKS, batch_size=BATCH)
+    assert results.read_text() == before
+    beside = runner.evaluate(run_dir, "commonsense", limit=3, tasks=CS_TASKS, batch_size=BATCH,
+                             output_dir=tmp_path / "limit3")
+    assert beside["output_dir"] == str((tmp_path / "limit3").resolve())
+    assert beside["suites"]["commonsense"]["limit"] == 3
+    assert results.read_text() == before  # the first results are untouched
+
+
+def test_cli_prints_the_real_paths_and_the_table(commonsense, run_dir):
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-m", "eval", str(run_dir), "--suite", "commonsense",
+                           "--limit", "20", "--tasks", ",".join(CS_TASKS),
+                           "--batch-size", str(BATCH)],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = (run_dir / "eval").resolve()
+    assert f"wrote {out}/results.json, {out}/results.md" in proc.stdout
+    assert "RUN_DIR" not in proc.stdout
+    assert "| smollm2-lora |" in proc.stdout and "95 % interval" in proc.stdout
+    assert "Answered (% of documents" in proc.stdout
+
+
+def test_table_shows_intervals_and_answered_rate(commonsense, run_dir):
+    md = (run_dir / "eval" / "results.md").read_text()
+    res = commonsense["suites"]["commonsense"]
+    tuned = res["models"]["smollm2-lora"]["results"]["rz_gen_piqa"]
+    from eval.report import wilson
+
+    low, high = wilson(tuned["acc,none"], 20)
+    row = next(ln for ln in md.splitlines() if ln.startswith("| smollm2-lora |")
+               and f"({100 * low:.0f}–{100 * high:.0f})" in ln)
+    assert f"{100 * tuned['acc,none']:.1f}" in row
+    answered = [ln for ln in md.split("Answered (% of documents")[1].splitlines()
+                if ln.startswith("| base |")]
+    assert answered and "0.0" in answered[0]  # the base model never writes a label

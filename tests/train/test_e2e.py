@@ -63,7 +63,9 @@ def test_deepspeed_launcher_zero2_two_processes(tmp_path):
     from riemann_zero import data
 
     adapter = out / "adapter"
-    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "asset:smollm2:4"  # portable, as the recipe says
+    base = json.loads((adapter.parent / "run.json").read_text())["model_path"]  # the local copy
     tok = AutoTokenizer.from_pretrained(base)
     examples = data.load_examples(EVAL["dataset"], split="eval", limit=EVAL["limit"], seed=0)
     rows = data.tokenize(examples, tok, template="chat", max_length=EVAL["max_length"])

@@ -163,6 +163,10 @@ def test_checkpoints_hold_only_what_resuming_needs_and_are_readable(tmp_path):
         want = 0o755 if path.is_dir() else 0o644
         assert (path.stat().st_mode & 0o777) == want, (path, oct(path.stat().st_mode))
     assert not (out / "checkpoints" / ".tmp").exists() and not (out / "run.lock").exists()
+    # The adapter names its base as the recipe did (portable); run.json has this machine's copy.
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "asset:smollm2:2"
+    assert Path(json.loads((out / "run.json").read_text())["model_path"]).is_dir()
 
 
 def test_second_run_into_a_busy_output_dir_is_refused_before_loading(tmp_path):

@@ -61,7 +61,9 @@ def test_fsdp2_torchrun_trains_saves_and_resumes(tmp_path, recipe):
     from transformers import AutoModelForCausalLM
 
     adapter = tmp_path / "full" / "adapter"
-    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "asset:smollm2:4"  # portable, as the recipe says
+    base = json.loads((adapter.parent / "run.json").read_text())["model_path"]  # the local copy
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.numel() > 0 for p in lora_b)
