@@ -64,15 +64,16 @@ LOG_LEVELS = ("debug", "info", "warning")
 
 def configure_logging(level: str = "info") -> None:
     """What the libraries print: ``debug`` everything, on every rank; ``info`` (default) DeepSpeed
-    and transformers at INFO on rank 0 only and lm-eval's repeated lines once; ``warning`` only
-    warnings and errors."""
+    and transformers at INFO on rank 0 only, torch.distributed's INFO lines off, lm-eval's
+    repeated lines once; ``warning`` only warnings and errors."""
     if level not in LOG_LEVELS:
         raise ValueError(f"log_level must be one of {list(LOG_LEVELS)}, but got {level!r}")
     if level == "debug":
         return
     quiet = logging.WARNING if level == "warning" or not is_rank0() else logging.INFO
-    for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
+    for name in ("DeepSpeed", "deepspeed", "transformers"):
         logging.getLogger(name).setLevel(max(quiet, logging.getLogger(name).level))
+    logging.getLogger("torch.distributed").setLevel(logging.WARNING)  # "Using device: None" …
     once = _Once()  # a logger's filters see only its own records: attach to each lm-eval one
     names = {"lm_eval.api.task", *(n for n in logging.root.manager.loggerDict
                                    if n.startswith("lm_eval"))}
