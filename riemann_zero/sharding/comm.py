@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CountingAllReduce", "sketch_reduce", "gather_lora_a"]
+__all__ = ["CountingAllReduce", "CountingReduce", "CountingBroadcast", "sketch_reduce",
+           "gather_lora_a"]
 
 
 class CountingAllReduce:
@@ -64,3 +65,31 @@ def gather_lora_a(r: int, n: int, start: int, values: Tensor | None, grads: Tens
     a = buf[:size].view(2 * r, n)
     ga = torch.cat([buf.new_zeros(r, n), buf[size:].view(r, n)])
     return a.mT, ga.mT
+
+
+class CountingReduce:
+    """``t ↦ reduce(t, dst)`` (sum onto one rank) over ``group``, counting the payload bytes."""
+
+    def __init__(self, comm: Counter, key: str, group=None) -> None:
+        self.comm, self.key, self.group = comm, key, group
+
+    def __call__(self, t: Tensor, dst: int) -> Tensor:
+        """``dst`` is a global rank; the sum is valid on ``dst`` only."""
+        t = t.contiguous()
+        self.comm[self.key] += t.numel() * t.element_size()
+        dist.reduce(t, dst=dst, group=self.group)
+        return t
+
+
+class CountingBroadcast:
+    """``t ↦ broadcast(t, src)`` over ``group``, counting the payload bytes."""
+
+    def __init__(self, comm: Counter, key: str, group=None) -> None:
+        self.comm, self.key, self.group = comm, key, group
+
+    def __call__(self, t: Tensor, src: int) -> Tensor:
+        """``src`` is a global rank; afterwards every rank holds its values."""
+        t = t.contiguous()
+        self.comm[self.key] += t.numel() * t.element_size()
+        dist.broadcast(t, src=src, group=self.group)
+        return t

@@ -70,6 +70,16 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
         base.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
+    if plan.trainable:  # full fine-tuning of the parameters preflight matched; no LoRA
+        for name, p in base.named_parameters():
+            p.requires_grad_(name in plan.trainable)
+        zero = recipe.deepspeed.get("zero_optimization", {}) or {}
+        if recipe.engine == "deepspeed" and int(zero.get("stage", 0)) == 3:
+            # ZeRO-3 re-gathers parameters for backward from hooks on module inputs that require
+            # grad; with everything upstream of the first trained tensor frozen there are none,
+            # and backward meets released (empty) weights. Make the embedding output require it.
+            base.enable_input_require_grads()
+        return base
     lc = recipe.lora
     config = LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
                         target_modules=list(lc.target_modules), bias="none", task_type="CAUSAL_LM")

@@ -133,7 +133,8 @@ class FSDP2Engine:
         # Frozen base weights are rebuilt by the deterministic initialisation: leave them out.
         opts = StateDictOptions(ignore_frozen_params=exclude_frozen, strict=not exclude_frozen)
 
-        manifold = hasattr(self.optimizer, "adapter_state_dict")
+        manifold = hasattr(self.optimizer, "adapter_state_dict") or hasattr(
+            self.optimizer, "tensor_state_dict")  # Tensorion's state is keyed by tensor name
         per_rank = f"optimizer_rank{dist.get_rank()}.pt"
 
         def write(directory: Path) -> None:

@@ -26,7 +26,7 @@ from riemann_zero.data.tokens import Collator, tokenize
 from riemann_zero.io import write_json, write_text_atomically
 from riemann_zero.optim.base import manifold_health
 from riemann_zero.progress import say, stage
-from riemann_zero.sharding.params import gathered, local_values
+from riemann_zero.sharding.params import full_tensor, gathered, local_values
 from riemann_zero.train import checkpoint as ckpt
 from riemann_zero.train import registry
 from riemann_zero.train.build import (
@@ -337,11 +337,14 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     bar.close()
     eval_loss = _eval_loss(eng, eval_items, collator, recipe, rank, world)
     emit({"step": total, "eval_loss": eval_loss})
-    _save_adapter(eng, out / "adapter", manifold=manifold, rank=rank)
+    if plan.trainable:
+        _save_trained(eng, out / "trained", list(plan.trainable), rank=rank)
+    else:
+        _save_adapter(eng, out / "adapter", manifold=manifold, rank=rank)
     dist.barrier()
     return {"steps": total, "first_loss": first_loss, "final_loss": last_loss,
             "final_eval_loss": eval_loss, "tokens": tokens_seen,
-            "adapter": str(out / "adapter")}
+            "adapter": str(out / ("trained" if plan.trainable else "adapter"))}
 
 
 def _save_adapter(eng, out_dir: Path, *, manifold: bool, rank: int) -> None:
@@ -360,3 +363,15 @@ def _save_adapter(eng, out_dir: Path, *, manifold: bool, rank: int) -> None:
     with gathered(lora):  # ZeRO-3 parameters made whole; a no-op elsewhere
         if rank == 0:
             save_peft_adapter(module, out_dir, state_dict=state)
+
+
+def _save_trained(eng, out_dir: Path, names: list[str], rank: int) -> None:
+    """Full fine-tuning: the trained parameters, whole, as ``out_dir/params.pt`` ({name: tensor})
+    (FSDP2 DTensors and ZeRO-3 partitions gathered; rank 0 writes)."""
+    named = dict(eng.module.named_parameters())
+    params = [named[n] for n in names]
+    with gathered(params):
+        state = {n: full_tensor(p).detach().float().cpu().clone() for n, p in zip(names, params)}
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(state, out_dir / "params.pt")

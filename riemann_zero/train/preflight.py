@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ class Plan:
     resume_from: Path | None
     finished: bool
     linear_shapes: dict[str, tuple[int, int]]
+    # Full fine-tuning (model.trainable): the parameters the patterns matched, with their shapes.
+    trainable: dict[str, tuple[int, ...]] = field(default_factory=dict)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # the engine's complete config
     notes: list[str] = field(default_factory=list)  # what rank 0 tells the user before training
 
@@ -185,6 +188,10 @@ def _check_options(rc: Recipe) -> None:
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise RecipeError(f"optimizer.options.{key} is not an option of optimizer "
                               f"{rc.optimizer.name!r}{extra}; valid options: {sorted(valid)}")
+    check = registry.spec(rc.optimizer.name).check_options
+    problem = None if check is None else check(dict(rc.optimizer.options))
+    if problem is not None:
+        raise RecipeError(problem)
 
 
 def _linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
@@ -214,6 +221,38 @@ def _check_targets(rc: Recipe, shapes: dict[str, tuple[int, int]], arch: str) ->
                 problem = loi_rank_error(rc.lora.r, m, n, name)
             if problem is not None:
                 raise RecipeError(f"lora.r={rc.lora.r} does not fit {name} ({m}x{n}): {problem}")
+
+
+def trainable_params(patterns: list[str], named: dict[str, tuple[int, ...]], arch: str
+                     ) -> dict[str, tuple[int, ...]]:
+    """The parameters (name → shape) that ``model.trainable`` patterns match; a pattern that
+    matches nothing (or is not a regular expression) is a RecipeError."""
+    chosen: dict[str, tuple[int, ...]] = {}
+    for pattern in patterns:
+        try:
+            rx = re.compile(pattern)
+        except re.error as err:
+            raise RecipeError(f"model.trainable: {pattern!r} is not a regular expression "
+                              f"({err})") from None
+        hits = [n for n in named if rx.search(n)]
+        if not hits:
+            leaves = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in named})
+            hint = difflib.get_close_matches(pattern, leaves, n=1, cutoff=0.3)
+            extra = f"; did you mean {hint[0]!r}?" if hint else ""
+            raise RecipeError(f"model.trainable: {pattern!r} matches no parameter of "
+                              f"{arch}{extra} Parameter names (N = layer index): {leaves}")
+        chosen.update({n: named[n] for n in hits})
+    return chosen
+
+
+def _param_shapes(model_config: Any) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every parameter of the model, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 def _check_output_dir(rc: Recipe, notes: list[str]) -> tuple[Path | None, bool]:
@@ -338,9 +377,21 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> P
     if rc.engine == "deepspeed":
         _check_deepspeed(ds_config)
     shapes = _linear_shapes(model_config)
-    _check_targets(rc, shapes, type(model_config).__name__)
     notes: list[str] = []
+    trainable: dict[str, tuple[int, ...]] = {}
+    if rc.model.trainable:  # full fine-tuning of the matched parameters; no LoRA
+        row = registry.spec(rc.optimizer.name)
+        if not row.full_finetune:
+            ok = [s.name for s in registry.OPTIMIZERS.values() if s.full_finetune]
+            raise RecipeError(f"model.trainable (full fine-tuning) needs one of the optimizers "
+                              f"{ok}, but optimizer.name is {rc.optimizer.name!r}")
+        trainable = trainable_params(list(rc.model.trainable), _param_shapes(model_config),
+                                     type(model_config).__name__)
+        notes.append(f"model.trainable matched {len(trainable)} parameters: " + ", ".join(
+            f"{n} {tuple(s)}" for n, s in trainable.items()))
+    else:
+        _check_targets(rc, shapes, type(model_config).__name__)
     resume_from, finished = _check_output_dir(rc, notes)
     return Plan(model_path=path, model_config=model_config, grad_accum=gas,
                 global_batch=mb * gas * world_size, resume_from=resume_from, finished=finished,
-                linear_shapes=shapes, deepspeed=ds_config, notes=notes)
+                linear_shapes=shapes, deepspeed=ds_config, notes=notes, trainable=trainable)

@@ -56,6 +56,9 @@ class ModelConfig:
     name_or_path: str = "asset:smollm2"
     dtype: str = "auto"  # auto: bfloat16 if deepspeed.bf16.enabled else float32
     gradient_checkpointing: bool = False
+    # Full fine-tuning instead of LoRA: regular expressions (re.search) over parameter names;
+    # the matching parameters train whole, all others are frozen, the lora section is unused.
+    trainable: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -23,6 +23,8 @@ from riemann_zero.optim.baselines import adamw_lora, muon_lora, rprec_adamw
 from riemann_zero.optim.riemannion import Riemannion
 from riemann_zero.optim.riemannlora import RiemannAdam, RiemannSGD
 from riemann_zero.optim.stella import StelLA
+from riemann_zero.optim.tensorion import options_error as tensorion_options_error
+from riemann_zero.optim.tensorion import tensorion_model
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "INIT_METHODS", "LAYOUTS", "spec", "init_error",
            "engine_error"]
@@ -56,6 +58,9 @@ class OptimizerSpec:
         dtype_hint: why bf16 does not fit, or "".
         prepare: called as ``prepare(model, seed)`` after PEFT wrapped the model (StelLA's init).
         health: whether its ``manifold_health()`` is logged to metrics.jsonl.
+        full_finetune: whether it can train whole parameters chosen by ``model.trainable``.
+        check_options: ``check_options(options)`` → why ``optimizer.options`` values are
+            invalid, or None (preflight calls it before any weight is loaded).
     """
 
     name: str
@@ -71,6 +76,8 @@ class OptimizerSpec:
     dtype_hint: str = ""
     prepare: Callable[..., Any] | None = None
     health: bool = False
+    full_finetune: bool = False
+    check_options: Callable[[dict], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -105,7 +112,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("riemann_adam", RiemannAdam,
                   ("lr", "betas", "eps", "weight_decay"), **_MANIFOLD),
     OptimizerSpec("adamw", adamw_lora,
-                  ("lr", "weight_decay", "betas", "eps"), layout="peft", inits=_PEFT_INITS),
+                  ("lr", "weight_decay", "betas", "eps"), layout="peft", inits=_PEFT_INITS,
+                  full_finetune=True),
     OptimizerSpec("muon", muon_lora,
                   ("lr", "weight_decay", "momentum", "betas", "eps"), layout="peft",
                   inits=_PEFT_INITS, **_WHOLE_FACTORS),
@@ -118,6 +126,12 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   ("lr", "betas", "eps", "weight_decay"), layout="peft", inits=("peft",),
                   init_hint="starts from its own orthonormal U S Vᵀ", **_WHOLE_FACTORS,
                   prepare=stella_init, health=True),
+    # Muon for tensors of any order: per-factor Muon on LoRA, or whole tensors (MoE expert stacks)
+    # under model.trainable.
+    OptimizerSpec("tensorion", tensorion_model,
+                  ("lr", "momentum", "weight_decay"), layout="peft", inits=_PEFT_INITS,
+                  bf16=False, dtype_hint="is not yet tested under DeepSpeed's bf16 wrapper",
+                  full_finetune=True, check_options=tensorion_options_error),
 )}
 
 
