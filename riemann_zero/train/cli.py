@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             if rank == 0:
                 info.update(result, status="finished", wall_time_s=round(time.time() - t_start, 3))
                 write_json(out / "run.json", info)
-                say(f"done in {info['wall_time_s']:.0f} s: {out / 'adapter'}")
+                say(f"done in {info['wall_time_s']:.0f} s: {info['adapter']}")
             _shutdown()
         if rank == 0 and recipe.eval_after.suite:
             run_eval_stage(recipe)
