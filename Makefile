@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned exactly: anything looser pulls a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
 	@echo "[install 4/4] this package and its dependencies (DeepSpeed, transformers, PEFT, lm-eval, ...)"
-	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[test]'
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e '.[test,trl]'
 	touch $(STAMP)
 	@echo "[install] done"
 

@@ -27,6 +27,7 @@ from riemann_zero.sharding.params import assign, full_tensor, gathered, layout_o
 __all__ = [
     "Adapter",
     "get_peft_model",
+    "init_points",
     "convert",
     "find_adapters",
     "manifold_points",
@@ -146,8 +147,17 @@ def get_peft_model(model: nn.Module, lora_config, init: str = "zero", seed: int 
     config.r, config.lora_alpha, config.use_rslora = 2 * r, 2 * r, False
     config.init_lora_weights = True
     peft_model = peft_get_peft_model(model, config)
+    init_points(_mark(peft_model, r), init, seed=seed, init_scale=init_scale)
+    return peft_model
+
+
+def init_points(adapters: list[Adapter], init: str, *, seed: int = 0,
+                init_scale: float = 1e-3) -> None:
+    """Reset manifold adapters to the start ``init`` of :func:`get_peft_model` (``"zero"`` or
+    ``"random"``), bases drawn from ``seed`` in the order given (the same on every rank)."""
     gen = torch.Generator().manual_seed(seed)
-    for ad in _mark(peft_model, r):
+    for ad in adapters:
+        r = ad.r
         u = householder_basis(torch.randn(ad.m, r, generator=gen, dtype=torch.float64))
         v = householder_basis(torch.randn(ad.n, r, generator=gen, dtype=torch.float64))
         if init == "zero":
@@ -156,7 +166,6 @@ def get_peft_model(model: nn.Module, lora_config, init: str = "zero", seed: int 
             k = init_scale * torch.randn(ad.n, r, generator=gen, dtype=torch.float64)
             v = householder_basis(k)
         set_point(ad, u, v, k)
-    return peft_model
 
 
 def _mark(peft_model: nn.Module, r: int | None) -> list[Adapter]:

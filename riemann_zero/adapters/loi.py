@@ -52,7 +52,8 @@ class _Sketcher:
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             test = self.test[name].to(x.device)
             if self.side == "m":  # G R = Σ dy (xᵀ R): R is n×k
-                xr = x.float() @ test
+                with torch.autocast(x.device.type, enabled=False):  # fp32 under mixed precision
+                    xr = x.float() @ test
 
                 def on_grad(dy, xr=xr):
                     self.acc[name] += dy.reshape(-1, dy.shape[-1]).float().mT @ xr

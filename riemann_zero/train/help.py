@@ -72,6 +72,10 @@ MEANINGS: dict[str, str] = {
     "eval_after.suite": "commonsense, math or code: the eval stage after training (null: off)",
     "eval_after.limit": "documents per task of the eval stage",
     "eval_after.tasks": "a subset of the suite's lm-eval tasks (null: all)",
+    "logging.tensorboard": "TensorBoard event files of the metrics under output_dir/tensorboard/",
+    "logging.wandb": "also log to Weights & Biases (needs wandb installed)",
+    "logging.wandb_project": "W&B project name",
+    "logging.wandb_mode": "W&B mode: online, offline or disabled (null: wandb's own default)",
     "deepspeed": "the DeepSpeed config, verbatim (checked against DeepSpeed's schema)",
 }
 

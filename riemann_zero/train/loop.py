@@ -38,6 +38,7 @@ from riemann_zero.train.build import (
 from riemann_zero.train.engines import DeepSpeedEngine, FSDP2Engine
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe, RecipeError
+from riemann_zero.train.tracking import Trackers
 
 __all__ = ["run_training", "Diverged"]
 
@@ -238,10 +239,13 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         kept = [ln for ln in lines if start and json.loads(ln).get("step", 0) <= start]
         write_text_atomically(metrics_path, "".join(ln + "\n" for ln in kept))
 
+    trackers = Trackers(recipe.logging, out, rank=rank, start=start, config=run_info)
+
     def emit(record: dict[str, Any]) -> None:
         if rank == 0:
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            trackers.write(record)
 
     orders: dict[int, list] = {}
 
@@ -333,10 +337,12 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         if recipe.stop_after is not None and step == recipe.stop_after:
             bar.close()
             say(f"stopping after step {step} (stop_after)")
+            trackers.close()
             return {"stopped": True}
     bar.close()
     eval_loss = _eval_loss(eng, eval_items, collator, recipe, rank, world)
     emit({"step": total, "eval_loss": eval_loss})
+    trackers.close()
     if plan.trainable:
         _save_trained(eng, out / "trained", list(plan.trainable), rank=rank)
     else:

@@ -156,6 +156,17 @@ class EvalAfterConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where the metrics of metrics.jsonl also go (rank 0): TensorBoard event files under
+    ``output_dir/tensorboard/`` (on by default), Weights & Biases when asked and installed."""
+
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "riemann-zero"
+    wandb_mode: str | None = None  # online | offline | disabled (None: wandb's default/env)
+
+
+@dataclass
 class Recipe:
     """A full training recipe."""
 
@@ -175,6 +186,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_after: EvalAfterConfig = field(default_factory=EvalAfterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: dict[str, Any] = field(
         default_factory=lambda: {"zero_optimization": {"stage": 0}})
 
@@ -184,7 +196,7 @@ class Recipe:
 
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
 RUN_NEUTRAL_KEYS = ("output_dir", "resume", "stop_after", "eval_after", "train.log_every",
-                    "train.verify_checkpoints", "log_level")
+                    "train.verify_checkpoints", "log_level", "logging")
 # What ``smoke=true`` sets, whatever the recipe says: the real 2-layer SmolLM2 cut, one LOI
 # calibration batch without power steps, a few short steps, no checkpoints, no eval stage. It
 # checks that a recipe's data, optimizer, engine and export run end to end (the model is
