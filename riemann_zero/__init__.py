@@ -17,6 +17,7 @@ from riemann_zero.adapters.layout import (
     set_point,
 )
 from riemann_zero.adapters.loi import loi_init
+from riemann_zero.adapters.merge import merge_adapters
 from riemann_zero.adapters.placement import fsdp_placement
 from riemann_zero.manifold.tensor import tensorion_direction
 from riemann_zero.optim.base import ManifoldOptimizer, manifold_health
@@ -41,6 +42,7 @@ __all__ = [
     "loi_init",
     "manifold_health",
     "manifold_points",
+    "merge_adapters",
     "save_adapter",
     "set_point",
     "sketch_reduce",

@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
               "optim"},
     "hf": {"linalg", "io", "progress", "assets", "manifold", "sharding", "data", "adapters",
            "optim", "train"},
+    "merge": {"io", "adapters"},  # F4: the `python -m riemann_zero.merge` command line
 }
 # Third-party packages a unit must not import: geometry is pure torch; sharding knows no PEFT.
 FORBIDDEN: dict[str, tuple[str, ...]] = {

@@ -35,9 +35,10 @@ __all__ = ["write_peft_adapter", "save_adapter", "save_peft_adapter", "relative_
 
 
 def write_peft_adapter(out_dir: str | os.PathLike, tensors: dict[str, Tensor], config: Any,
-                       meta: dict | None = None) -> Path:
-    """Write ``tensors`` (PEFT's saved key names) and a ``peft.LoraConfig`` as a stock adapter
-    folder, atomically; ``meta`` (if any) goes to ``riemann_zero.json`` beside them."""
+                       meta: dict | None = None, files: dict[str, Any] | None = None) -> Path:
+    """Write ``tensors`` (PEFT's saved key names) and a PEFT config as a stock adapter folder,
+    atomically; ``meta`` (if any) goes to ``riemann_zero.json`` beside them, and each entry of
+    ``files`` ({name: JSON data}, e.g. ``merge.json``) to a file of that name."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -47,6 +48,8 @@ def write_peft_adapter(out_dir: str | os.PathLike, tensors: dict[str, Tensor], c
         config.save_pretrained(str(tmp))
         if meta is not None:
             (tmp / "riemann_zero.json").write_text(json.dumps(meta, indent=1))
+        for name, data in (files or {}).items():
+            (tmp / name).write_text(json.dumps(data, indent=1, default=str) + "\n")
 
     return write_dir_atomically(out_dir, build)
 

@@ -49,6 +49,8 @@ __all__ = [
     "scale",
     "add",
     "NULL_RTOL",
+    "Truncated",
+    "truncated_sum",
 ]
 
 # Singular values below NULL_RTOL·σ_max of a retracted matrix are treated as exact zeros (rank < r).
@@ -180,3 +182,45 @@ def retract(x: Point, step: Tangent, decay: float | Tensor = 1.0, reduce_m: Redu
     left, sigma, right = tangent_svd(x.U, x.V, step.dU, decay * x.K + step.dK, reduce_m, reduce_n,
                                      rank=r)
     return Point(left, right, right * sigma.to(right.dtype).unsqueeze(-2))
+
+
+class Truncated(NamedTuple):
+    """Best rank-R approximation U diag(s) Vᵀ of a sum of low-rank terms, batched over layers.
+
+    U (b,m,R), V (b,n,R) orthonormal (columns past the sum's rank are zero), s (b,R) descending
+    in fp64; ``norm`` (b,) is the Frobenius norm of the whole sum (before truncation).
+    """
+
+    U: Tensor
+    s: Tensor
+    V: Tensor
+    norm: Tensor
+
+
+def truncated_sum(left: Tensor, right: Tensor, rank: int) -> Truncated:
+    """Best rank-``rank`` approximation of Z = left · rightᵀ without forming the m×n matrix Z.
+
+    ``left`` (b,m,k) stacks the weighted, scaled B factors [w₁s₁B₁ … w_ks_kB_k] of the terms,
+    ``right`` (b,n,k) the [A₁ᵀ … A_kᵀ]; zero columns (padding, absent terms) change nothing.
+    Householder QR of each (left = Q_l R_l, right = Q_r R_r; robust when the columns are
+    dependent, e.g. a term merged with itself), SVD of the small core R_l R_rᵀ = W Σ Hᵀ, and
+    Z = (Q_l W) Σ (Q_r H)ᵀ. Cost O((m + n) k² + k³) per layer in fp64. The result depends on Z
+    only, not on how each term is factored: (B S, S⁻¹ A) gives the same Z, hence the same answer
+    (up to the sign/rotation freedom of repeated singular values).
+    """
+    if rank <= 0:
+        raise ValueError(f"rank must be positive, but got {rank}")
+    ql, rl = torch.linalg.qr(left.double())
+    qr_, rr = torch.linalg.qr(right.double())
+    w, sigma, ht = torch.linalg.svd(rl @ rr.mT, full_matrices=False)
+    norm = sigma.norm(dim=-1)
+    keep = min(rank, sigma.shape[-1])
+    u = ql @ w[..., :keep]
+    v = qr_ @ ht[..., :keep, :].mT
+    s = sigma[..., :keep]
+    if keep < rank:  # the sum has fewer directions than asked: pad with zero columns
+        pad = rank - keep
+        u = torch.cat([u, u.new_zeros(*u.shape[:-1], pad)], dim=-1)
+        v = torch.cat([v, v.new_zeros(*v.shape[:-1], pad)], dim=-1)
+        s = torch.cat([s, s.new_zeros(*s.shape[:-1], pad)], dim=-1)
+    return Truncated(u, s, v, norm)

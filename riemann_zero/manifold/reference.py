@@ -25,6 +25,14 @@ __all__ = [
     "best_rank",
     "tensor_unfold",
     "tensor_lmo",
+    "weighted_sum",
+    "cayley",
+    "cayley_inverse",
+    "sqrtm",
+    "expm",
+    "logm",
+    "geodesic",
+    "rotation_angles",
 ]
 
 
@@ -111,3 +119,64 @@ def tensor_lmo(m: Tensor) -> tuple[Tensor, tuple[int, ...], float]:
     d = d.reshape(*[m.shape[i] for i in perm])
     inverse = [perm.index(i) for i in range(m.ndim)]
     return d.permute(*inverse).contiguous(), rows, value
+
+
+# ------------------------------------------------------------------ merging (DESIGN §9)
+def weighted_sum(terms: list[tuple[float, Tensor, Tensor]]) -> Tensor:
+    """Σ cᵢ Bᵢ Aᵢ as a dense m×n matrix, for (cᵢ = weight·scaling, Bᵢ, Aᵢ)."""
+    return sum(c * (b.double() @ a.double()) for c, b, a in terms)
+
+
+def cayley(s: Tensor) -> Tensor:
+    """(I − S)(I + S)⁻¹ with an explicit inverse."""
+    eye = torch.eye(s.shape[-1], dtype=s.dtype)
+    return (eye - s) @ torch.linalg.inv(eye + s)
+
+
+def cayley_inverse(r: Tensor) -> Tensor:
+    """(I + R)⁻¹(I − R) with an explicit inverse."""
+    eye = torch.eye(r.shape[-1], dtype=r.dtype)
+    return torch.linalg.inv(eye + r) @ (eye - r)
+
+
+def sqrtm(a: Tensor, iters: int = 60) -> Tensor:
+    """Principal square root by the Denman–Beavers iteration (Y → A^{1/2}, Z → A^{-1/2})."""
+    y, z = a.clone(), torch.eye(a.shape[-1], dtype=a.dtype)
+    for _ in range(iters):
+        y, z = 0.5 * (y + torch.linalg.inv(z)), 0.5 * (z + torch.linalg.inv(y))
+    return y
+
+
+def expm(a: Tensor, terms: int = 30, squarings: int = 10) -> Tensor:
+    """exp(A) by scaling and squaring with a Taylor series."""
+    x = a / 2**squarings
+    out, term = torch.eye(a.shape[-1], dtype=a.dtype), torch.eye(a.shape[-1], dtype=a.dtype)
+    for j in range(1, terms):
+        term = term @ x / j
+        out = out + term
+    for _ in range(squarings):
+        out = out @ out
+    return out
+
+
+def logm(a: Tensor, roots: int = 12, terms: int = 40) -> Tensor:
+    """log(A) by inverse scaling and squaring: 2ᵏ log(A^{1/2ᵏ}) with the series of log(I + X)."""
+    for _ in range(roots):
+        a = sqrtm(a)
+    x = a - torch.eye(a.shape[-1], dtype=a.dtype)
+    out, power = torch.zeros_like(x), torch.eye(a.shape[-1], dtype=a.dtype)
+    for j in range(1, terms):
+        power = power @ x
+        out = out + (-1) ** (j + 1) * power / j
+    return out * 2**roots
+
+
+def geodesic(r1: Tensor, r2: Tensor, t: float) -> Tensor:
+    """R₁ exp(t log(R₁ᵀ R₂)) with the dense series above."""
+    return r1 @ expm(t * logm(r1.mT @ r2))
+
+
+def rotation_angles(r: Tensor) -> Tensor:
+    """Angles θ ∈ (−π, π] of a rotation from its complex eigenvalues, sorted ascending."""
+    lam = torch.linalg.eigvals(r)
+    return torch.sort(torch.angle(lam)).values

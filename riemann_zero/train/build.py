@@ -12,7 +12,7 @@ from riemann_zero.adapters.layout import get_peft_model
 from riemann_zero.adapters.loi import loi_init
 from riemann_zero.train import registry
 from riemann_zero.train.preflight import Plan
-from riemann_zero.train.recipe import Recipe
+from riemann_zero.train.recipe import Recipe, orthogonal_config
 
 __all__ = ["lr_lambda", "batch_order", "build_model", "build_optimizer"]
 
@@ -80,6 +80,10 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
             # and backward meets released (empty) weights. Make the embedding output require it.
             base.enable_input_require_grads()
         return base
+    if recipe.adapter.type != "lora":  # PEFT's OFT/BOFT, trained by the AdamW row
+        import peft
+
+        return _portable_base_name(peft.get_peft_model(base, orthogonal_config(recipe)), recipe)
     lc = recipe.lora
     config = LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
                         target_modules=list(lc.target_modules), bias="none", task_type="CAUSAL_LM")

@@ -31,6 +31,8 @@ MEANINGS: dict[str, str] = {
     "lora.lora_alpha": "PEFT's scaling numerator (scale = lora_alpha / r)",
     "lora.lora_dropout": "dropout on the adapter input",
     "lora.target_modules": "Linear layer names to adapt (e.g. q_proj,v_proj)",
+    "adapter.type": "lora (the lora: section) or PEFT's oft / boft (trained with adamw)",
+    "adapter.config": "OFTConfig / BOFTConfig keyword arguments, verbatim",
     "init.method": "loi | zero | random (manifold optimizers); peft | pissa | lora_ga (others)",
     "init.p": "LOI oversampling of its randomized SVD",
     "init.q": "LOI power steps",

@@ -31,7 +31,13 @@ from riemann_zero.train.checkpoint import (
     resume_point,
     verify_checkpoint,
 )
-from riemann_zero.train.recipe import RUN_NEUTRAL_KEYS, Recipe, RecipeError, recipe_to_dict
+from riemann_zero.train.recipe import (
+    RUN_NEUTRAL_KEYS,
+    Recipe,
+    RecipeError,
+    orthogonal_config,
+    recipe_to_dict,
+)
 
 __all__ = ["Plan", "preflight", "resolve_model_path", "deepspeed_config"]
 
@@ -206,6 +212,8 @@ def _linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
 
 
 def _check_targets(rc: Recipe, shapes: dict[str, tuple[int, int]], arch: str) -> None:
+    if rc.adapter.type != "lora":
+        orthogonal_config(rc)  # PEFT's own check of the adapter.config keys
     leaves = sorted({n.rsplit(".", 1)[-1] for n in shapes})
     for target in rc.lora.target_modules:
         hits = [n for n in shapes if n == target or n.endswith("." + target)]
@@ -216,6 +224,13 @@ def _check_targets(rc: Recipe, shapes: dict[str, tuple[int, int]], arch: str) ->
                               f"{arch}{extra} Linear layer names: {leaves}")
         for name in hits:
             m, n = shapes[name]
+            if rc.adapter.type != "lora":  # OFT/BOFT: blocks must tile the input dimension
+                block = rc.adapter.config.get("oft_block_size" if rc.adapter.type == "oft"
+                                              else "boft_block_size", 0)
+                if block and n % int(block):
+                    raise RecipeError(f"adapter.config: block size {block} does not divide the "
+                                      f"input dimension {n} of {name}; choose a divisor of {n}")
+                continue
             problem = rank_error(rc.lora.r, m, n, name)  # the layout's own rule
             if problem is None and rc.init.method == "loi":
                 problem = loi_rank_error(rc.lora.r, m, n, name)

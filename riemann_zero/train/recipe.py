@@ -28,6 +28,8 @@ from riemann_zero.train.parsing import RecipeError, build_dataclass, set_dotted,
 __all__ = [
     "ModelConfig",
     "LoraSection",
+    "AdapterSection",
+    "ADAPTER_TYPES",
     "InitConfig",
     "DataConfig",
     "OptimizerConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "load_recipe",
+    "orthogonal_config",
     "apply_overrides",
     "recipe_to_dict",
     "RUN_NEUTRAL_KEYS",
@@ -45,6 +48,7 @@ __all__ = [
 ]
 
 SCHEDULES = ("linear", "cosine", "constant")
+ADAPTER_TYPES = ("lora", "oft", "boft")
 ENGINES = ("deepspeed", "fsdp2")
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -71,6 +75,19 @@ class LoraSection:
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                  "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class AdapterSection:
+    """Which PEFT adapter is trained: ``lora`` (the ``lora:`` section, the default) or PEFT's
+    orthogonal ``oft``/``boft``, whose ``OFTConfig``/``BOFTConfig`` keyword arguments go verbatim
+    under ``config`` (e.g. ``{oft_block_size: 32, use_cayley_neumann: true}``; ``target_modules``
+    defaults to ``lora.target_modules``). Orthogonal adapters train with ``optimizer.name:
+    adamw`` and ``init.method: peft``; they are what ``python -m riemann_zero.merge --method
+    geodesic|orthofuse`` merges."""
+
+    type: str = "lora"
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -180,6 +197,7 @@ class Recipe:
     engine: str = "deepspeed"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSection = field(default_factory=LoraSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
     init: InitConfig = field(default_factory=InitConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -280,12 +298,36 @@ def _check_values(rc: Recipe) -> None:
     problem = registry.init_error(rc.optimizer.name, rc.init.method)
     if problem is not None:
         raise RecipeError(problem)
+    _choices("adapter.type", rc.adapter.type, ADAPTER_TYPES)
+    if rc.adapter.type != "lora" and (rc.optimizer.name != "adamw" or rc.init.method != "peft"):
+        raise RecipeError(f"adapter.type={rc.adapter.type} trains with optimizer.name=adamw and "
+                          f"init.method=peft, but got {rc.optimizer.name!r} and "
+                          f"{rc.init.method!r}; set those two keys")
+    if not isinstance(rc.adapter.config, dict):
+        raise RecipeError(f"adapter.config must be a mapping of PEFT config keys, but got "
+                          f"{type(rc.adapter.config).__name__}")
     if rc.resume not in ("auto", "never") and not Path(rc.resume).is_dir():
         raise RecipeError(f"resume must be 'auto', 'never' or an existing checkpoint directory, "
                           f"but got {rc.resume!r}")
     if not isinstance(rc.deepspeed, dict):
         raise RecipeError(f"deepspeed must be a mapping (a DeepSpeed config), but got "
                           f"{type(rc.deepspeed).__name__}")
+
+
+def orthogonal_config(recipe: Recipe) -> Any:
+    """PEFT's ``OFTConfig``/``BOFTConfig`` of an ``adapter.type: oft|boft`` recipe.
+
+    Raises:
+        RecipeError: a key PEFT does not know, or values PEFT refuses (its message).
+    """
+    from peft import BOFTConfig, OFTConfig
+
+    kwargs = {"target_modules": list(recipe.lora.target_modules), **recipe.adapter.config}
+    cls = OFTConfig if recipe.adapter.type == "oft" else BOFTConfig
+    try:
+        return cls(task_type="CAUSAL_LM", **kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"adapter.config for {recipe.adapter.type}: {err}") from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
