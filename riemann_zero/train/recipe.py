@@ -299,10 +299,9 @@ def _check_values(rc: Recipe) -> None:
     if problem is not None:
         raise RecipeError(problem)
     _choices("adapter.type", rc.adapter.type, ADAPTER_TYPES)
-    if rc.adapter.type != "lora" and (rc.optimizer.name != "adamw" or rc.init.method != "peft"):
-        raise RecipeError(f"adapter.type={rc.adapter.type} trains with optimizer.name=adamw and "
-                          f"init.method=peft, but got {rc.optimizer.name!r} and "
-                          f"{rc.init.method!r}; set those two keys")
+    problem = registry.adapter_error(rc.optimizer.name, rc.adapter.type, rc.init.method)
+    if problem is not None:
+        raise RecipeError(problem)
     if not isinstance(rc.adapter.config, dict):
         raise RecipeError(f"adapter.config must be a mapping of PEFT config keys, but got "
                           f"{type(rc.adapter.config).__name__}")

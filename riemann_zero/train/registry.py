@@ -27,7 +27,7 @@ from riemann_zero.optim.tensorion import options_error as tensorion_options_erro
 from riemann_zero.optim.tensorion import tensorion_model
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "INIT_METHODS", "LAYOUTS", "spec", "init_error",
-           "engine_error"]
+           "engine_error", "adapter_error"]
 
 # "manifold": the rank-2r manifold layout (riemann_zero.get_peft_model, LOI);
 # "peft": stock PEFT LoRA modules of rank r (PEFT's own or PiSSA/LoRA-GA initialisation).
@@ -61,6 +61,7 @@ class OptimizerSpec:
         full_finetune: whether it can train whole parameters chosen by ``model.trainable``.
         check_options: ``check_options(options)`` → why ``optimizer.options`` values are
             invalid, or None (preflight calls it before any weight is loaded).
+        orthogonal: whether it trains PEFT's orthogonal adapters (``adapter.type: oft|boft``).
     """
 
     name: str
@@ -78,6 +79,7 @@ class OptimizerSpec:
     health: bool = False
     full_finetune: bool = False
     check_options: Callable[[dict], str | None] | None = None
+    orthogonal: bool = False
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -113,7 +115,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   ("lr", "betas", "eps", "weight_decay"), **_MANIFOLD),
     OptimizerSpec("adamw", adamw_lora,
                   ("lr", "weight_decay", "betas", "eps"), layout="peft", inits=_PEFT_INITS,
-                  full_finetune=True),
+                  full_finetune=True, orthogonal=True),
     OptimizerSpec("muon", muon_lora,
                   ("lr", "weight_decay", "momentum", "betas", "eps"), layout="peft",
                   inits=_PEFT_INITS, **_WHOLE_FACTORS),
@@ -152,6 +154,19 @@ def init_error(name: str, init: str) -> str | None:
     kind = "a manifold" if all(OPTIMIZERS[u].layout == "manifold" for u in users) else "another"
     return (f"init.method={init} needs {kind} optimizer ({', '.join(users)}), but optimizer.name "
             f"is {name!r}; set init.method to one of {valid}")
+
+
+def adapter_error(name: str, adapter_type: str, init: str) -> str | None:
+    """Why ``optimizer.name=name`` with ``init.method=init`` cannot train ``adapter.type``
+    (None if it can): orthogonal adapters train with the rows marked ``orthogonal`` and PEFT's
+    own initialisation."""
+    if adapter_type == "lora":
+        return None
+    rows = [s.name for s in OPTIMIZERS.values() if s.orthogonal]
+    if name in rows and init == "peft":
+        return None
+    return (f"adapter.type={adapter_type} trains with optimizer.name in {rows} and "
+            f"init.method=peft, but got {name!r} and {init!r}; set those two keys")
 
 
 def engine_error(name: str, engine: str, stage: int, bf16: bool) -> str | None:
