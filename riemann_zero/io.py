@@ -7,6 +7,7 @@ into place, so a crash or a kill leaves the previous version (or nothing), never
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ __all__ = [
     "write_dir_atomically",
     "default_mode",
     "fsync_tree",
+    "sha256_file",
     "fsync_dir",
     "versions",
     "git_commit",
@@ -126,6 +128,15 @@ def write_dir_atomically(out: str | os.PathLike, build: Callable[[Path], None], 
     else:
         tmp.rename(out)
     return out
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

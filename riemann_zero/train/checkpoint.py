@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import random
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from riemann_zero.io import fsync_dir, fsync_tree, write_text_atomically
+from riemann_zero.io import fsync_dir, fsync_tree, sha256_file, write_text_atomically
 
 __all__ = [
     "COMPLETE",
@@ -97,15 +96,10 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"bytes": size, "sha256": digest}}`` of every file under ``directory``."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != COMPLETE)
-    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in files}
 
 
@@ -139,7 +133,7 @@ def verify_checkpoint(path: str | Path, *, checksums: bool = True) -> str | None
         size = file.stat().st_size
         if size != want["bytes"]:
             return f"{file} has {size} bytes, {COMPLETE} recorded {want['bytes']} (truncated?)"
-        if checksums and _sha256(file) != want["sha256"]:
+        if checksums and sha256_file(file) != want["sha256"]:
             return f"{file} does not match its SHA-256 recorded in {COMPLETE} (damaged)"
     return None
 
