@@ -86,12 +86,12 @@ def _trainable(module) -> list[tuple[str, torch.Tensor]]:
 def _nonfinite(params: list[tuple[str, torch.Tensor]]) -> list[str]:
     """Names of trainable parameters holding a NaN or an infinity in this rank's part (one pass
     over the adapters; no communication)."""
-    bad = []
-    for name, p in params:
-        values = local_values(p)
-        if values.numel() and not bool(torch.isfinite(values.detach()).all()):
-            bad.append(name)
-    return bad
+    if not params:
+        return []
+    # One flag per tensor on its device, then a single host transfer: no sync per tensor.
+    flags = [torch.isfinite(local_values(p).detach()).all() for _, p in params]
+    flags = torch.stack([f.to(flags[0].device) for f in flags]).cpu().tolist()
+    return [name for (name, _), ok in zip(params, flags) if not ok]
 
 
 def _state_bytes(params: list[tuple[str, torch.Tensor]]) -> int:

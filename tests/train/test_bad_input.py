@@ -19,17 +19,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = "asset:smollm2:4"
 
 
-@pytest.fixture
-def no_weights(monkeypatch):
-    """Any attempt to load model weights fails the test."""
-    import transformers
-
-    def boom(*args, **kwargs):
-        raise AssertionError("weights were loaded before the recipe was validated")
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
-
-
 def _recipe(tmp_path, *overrides):
     return load_recipe(None, [f"model.name_or_path={TINY}", f"output_dir={tmp_path / 'run'}",
                               "lora.r=8", *overrides])
