@@ -78,6 +78,10 @@ MEANINGS: dict[str, str] = {
     "logging.wandb": "also log to Weights & Biases (needs wandb installed)",
     "logging.wandb_project": "W&B project name",
     "logging.wandb_mode": "W&B mode: online, offline or disabled (null: wandb's own default)",
+    "memory.check": "refuse a recipe whose memory estimate (printed before loading) exceeds the "
+                    "limits (false: print it only)",
+    "memory.device_gib": "per-rank GPU memory to plan for (null: this GPU's free memory)",
+    "memory.host_gib": "host memory per node to plan for (null: MemAvailable of /proc/meminfo)",
     "deepspeed": "the DeepSpeed config, verbatim (checked against DeepSpeed's schema)",
 }
 

@@ -6,8 +6,10 @@ an eval split it does not have) and dataset names, the batch layout against the 
 dtype and options (from :mod:`riemann_zero.train.registry`), target modules and the rank against
 the model's layers (the model is built on the meta device from its ``config.json``), and whether
 ``output_dir`` already holds a run (same recipe: resume from the newest checkpoint whose files
-verify; a run that stopped before its first checkpoint: replaced; another recipe: refuse). Each
-failure is one :class:`~riemann_zero.train.recipe.RecipeError` naming the key and the fix.
+verify; a run that stopped before its first checkpoint: replaced; another recipe: refuse), and
+whether the per-rank memory estimate (:mod:`~riemann_zero.train.memory`) fits the device and the
+host. Each failure is one :class:`~riemann_zero.train.recipe.RecipeError` naming the key and the
+fix.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ from riemann_zero.train.checkpoint import (
     resume_point,
     verify_checkpoint,
 )
+from riemann_zero.train.memory import MemoryEstimate, estimate_memory, memory_error, memory_limits
 from riemann_zero.train.recipe import (
     RUN_NEUTRAL_KEYS,
     Recipe,
@@ -60,6 +64,7 @@ class Plan:
     trainable: dict[str, tuple[int, ...]] = field(default_factory=dict)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # the engine's complete config
     notes: list[str] = field(default_factory=list)  # what rank 0 tells the user before training
+    memory: MemoryEstimate | None = None  # the per-rank estimate (printed among the notes)
 
 
 def resolve_model_path(name: str) -> str:
@@ -328,7 +333,32 @@ def _recipe_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any
     return diffs
 
 
-def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> Plan:
+def local_ranks(world_size: int) -> int:
+    """Ranks on this node, from the launcher (torchrun's ``LOCAL_WORLD_SIZE``, DeepSpeed's
+    ``LOCAL_SIZE``); without one, all ranks."""
+    local = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
+    return int(local) if local else world_size
+
+
+def _check_memory(rc: Recipe, model_config: Any, shapes: dict[str, tuple[int, int]],
+                  trainable: dict[str, tuple[int, ...]], world: int, local: int | None,
+                  on_gpu: bool | None) -> MemoryEstimate:
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    est = estimate_memory(rc, model_config, world=world, on_gpu=on_gpu, shapes=shapes,
+                          trainable=trainable,
+                          local_ranks=local if local is not None else local_ranks(world))
+    if rc.memory.check:
+        problem = memory_error(est, *memory_limits(rc, on_gpu), world=world)
+        if problem is not None:
+            raise RecipeError(problem)
+    return est
+
+
+def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
+              local: int | None = None, on_gpu: bool | None = None) -> Plan:
     """Check a recipe against the data, the model's architecture and the output directory.
 
     Reads at most the model's ``config.json`` (the model itself is built on the meta device).
@@ -338,6 +368,8 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> P
         world_size: number of data-parallel processes (fixes the gradient accumulation).
         model_config: a ``transformers`` config to use instead of reading ``model.name_or_path``
             (tests validate the Llama-3-8B recipes on a tiny same-architecture config).
+        local: ranks per node for the memory estimate (None: from the launcher's environment).
+        on_gpu: whether the memory estimate is for GPUs (None: ``torch.cuda.is_available()``).
 
     Raises:
         RecipeError: the first problem found, naming the key and the fix.
@@ -406,7 +438,10 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None) -> P
             f"{n} {tuple(s)}" for n, s in trainable.items()))
     else:
         _check_targets(rc, shapes, type(model_config).__name__)
+    memory = _check_memory(rc, model_config, shapes, trainable, world_size, local, on_gpu)
+    notes.append(memory.table())
     resume_from, finished = _check_output_dir(rc, notes)
     return Plan(model_path=path, model_config=model_config, grad_accum=gas,
                 global_batch=mb * gas * world_size, resume_from=resume_from, finished=finished,
-                linear_shapes=shapes, deepspeed=ds_config, notes=notes, trainable=trainable)
+                linear_shapes=shapes, deepspeed=ds_config, notes=notes, trainable=trainable,
+                memory=memory)

@@ -36,6 +36,7 @@ __all__ = [
     "ScheduleConfig",
     "TrainConfig",
     "EvalAfterConfig",
+    "MemoryConfig",
     "Recipe",
     "RecipeError",
     "load_recipe",
@@ -184,6 +185,17 @@ class LoggingConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """The per-rank memory estimate preflight prints before any weight loads
+    (:mod:`riemann_zero.train.memory`), and the limits it is checked against: a recipe whose
+    estimate exceeds them is refused with one line naming the figure and the fixes."""
+
+    check: bool = True  # false: print the estimate, never refuse
+    device_gib: float | None = None  # per-rank accelerator memory; None: this GPU's free memory
+    host_gib: float | None = None  # host memory per node; None: /proc/meminfo MemAvailable
+
+
+@dataclass
 class Recipe:
     """A full training recipe."""
 
@@ -205,6 +217,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval_after: EvalAfterConfig = field(default_factory=EvalAfterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     deepspeed: dict[str, Any] = field(
         default_factory=lambda: {"zero_optimization": {"stage": 0}})
 
@@ -214,7 +227,7 @@ class Recipe:
 
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
 RUN_NEUTRAL_KEYS = ("output_dir", "resume", "stop_after", "eval_after", "train.log_every",
-                    "train.verify_checkpoints", "log_level", "logging")
+                    "train.verify_checkpoints", "log_level", "logging", "memory")
 # What ``smoke=true`` sets, whatever the recipe says: the real 2-layer SmolLM2 cut, one LOI
 # calibration batch without power steps, a few short steps, no checkpoints, no eval stage. It
 # checks that a recipe's data, optimizer, engine and export run end to end (the model is
@@ -275,7 +288,9 @@ def _check_values(rc: Recipe) -> None:
                        ("train.global_batch_size", rc.train.global_batch_size),
                        ("train.gradient_accumulation_steps", rc.train.gradient_accumulation_steps),
                        ("init.batches", rc.init.batches), ("train.log_every", rc.train.log_every),
-                       ("eval_after.limit", rc.eval_after.limit)]:
+                       ("eval_after.limit", rc.eval_after.limit),
+                       ("memory.device_gib", rc.memory.device_gib),
+                       ("memory.host_gib", rc.memory.host_gib)]:
         _positive(key, value)
     for key, value in [("optimizer.weight_decay", rc.optimizer.weight_decay),
                        ("train.gradient_clipping", rc.train.gradient_clipping),

@@ -62,6 +62,10 @@ class OptimizerSpec:
         check_options: ``check_options(options)`` → why ``optimizer.options`` values are
             invalid, or None (preflight calls it before any weight is loaded).
         orthogonal: whether it trains PEFT's orthogonal adapters (``adapter.type: oft|boft``).
+        state_per_value: fp32 optimizer-state values it keeps per trainable value (the memory
+            estimate's figure; AdamW's two moments: 2; the manifold optimizers' momentum factors
+            U̇ (m×r) and K̇ (n×r) beside the rank-2r layout: 0.5). Checked against the real state
+            in tests/train/test_memory.py.
     """
 
     name: str
@@ -80,6 +84,7 @@ class OptimizerSpec:
     full_finetune: bool = False
     check_options: Callable[[dict], str | None] | None = None
     orthogonal: bool = False
+    state_per_value: float = 2.0
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -100,7 +105,7 @@ class OptimizerSpec:
 
 
 _MANIFOLD = dict(layout="manifold", inits=_MANIFOLD_INITS, init_hint="needs the manifold layout",
-                 health=True)
+                 health=True, state_per_value=0.5)
 _WHOLE_FACTORS = dict(
     stages=(0,), fsdp2=False,
     engine_hint="needs the model's 2-D LoRA weights and their grads, which ZeRO-1/2/3 and FSDP2 "
@@ -118,7 +123,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
                   full_finetune=True, orthogonal=True),
     OptimizerSpec("muon", muon_lora,
                   ("lr", "weight_decay", "momentum", "betas", "eps"), layout="peft",
-                  inits=_PEFT_INITS, **_WHOLE_FACTORS),
+                  inits=_PEFT_INITS, state_per_value=1.0, **_WHOLE_FACTORS),
     OptimizerSpec("rprec_adamw", rprec_adamw,
                   ("lr", "weight_decay", "betas", "eps", "reg"), layout="peft",
                   inits=_PEFT_INITS, bf16=False, **_WHOLE_FACTORS,
@@ -127,13 +132,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("stella", StelLA,
                   ("lr", "betas", "eps", "weight_decay"), layout="peft", inits=("peft",),
                   init_hint="starts from its own orthonormal U S Vᵀ", **_WHOLE_FACTORS,
-                  prepare=stella_init, health=True),
+                  prepare=stella_init, health=True, state_per_value=3.0),
     # Muon for tensors of any order: per-factor Muon on LoRA, or whole tensors (MoE expert stacks)
     # under model.trainable.
     OptimizerSpec("tensorion", tensorion_model,
                   ("lr", "momentum", "weight_decay"), layout="peft", inits=_PEFT_INITS,
                   bf16=False, dtype_hint="is not yet tested under DeepSpeed's bf16 wrapper",
-                  full_finetune=True, check_options=tensorion_options_error),
+                  full_finetune=True, check_options=tensorion_options_error,
+                  state_per_value=1.0),
 )}
 
 

@@ -13,18 +13,6 @@ from riemann_zero.train.recipe import RecipeError, load_recipe, recipe_to_dict
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 
-# Meta-Llama-3-8B's architecture (its config.json values), built only on the meta device.
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                 num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256,
-                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
-
-
-def llama3_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**LLAMA3_8B)
-
-
 def test_recipes_exist_with_launch_line_and_twins():
     names = {p.stem for p in RECIPES}
     for task in ("commonsense", "math", "code"):
@@ -37,16 +25,22 @@ def test_recipes_exist_with_launch_line_and_twins():
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_recipe_validates(path, tmp_path):
+def test_every_recipe_validates(path, tmp_path, llama3_config):
     """Typos fail in CI, not on a cluster: Llama-3-8B recipes are checked against the real
     architecture on the meta device (no hub), SmolLM2 ones against the local asset's config."""
-    recipe = load_recipe(path, [f"output_dir={tmp_path / 'run'}"])
-    world = 8 if path.stem.startswith("llama3") else 2
-    config = llama3_config() if path.stem.startswith("llama3") else None
-    plan = preflight(recipe, world_size=world, model_config=config)
+    llama = path.stem.startswith("llama3")
+    # Llama recipes: nodes of 8 GPUs with 80 GB and 1 TiB of host memory (the memory estimate's
+    # limits); the 70B ones on two such nodes, as their launch line says.
+    gpus = ["memory.device_gib=80", "memory.host_gib=1024"] if llama else []
+    recipe = load_recipe(path, [f"output_dir={tmp_path / 'run'}", *gpus])
+    size = "70B" if "70b" in path.stem else "8B"
+    world = (16 if size == "70B" else 8) if llama else 2
+    config = llama3_config(size) if llama else None
+    plan = preflight(recipe, world_size=world, model_config=config, local=8 if llama else None,
+                     on_gpu=llama)
     assert plan.grad_accum >= 1
-    if path.stem.startswith("llama3"):
-        assert recipe.model.name_or_path == "meta-llama/Meta-Llama-3-8B"
+    if llama:
+        assert recipe.model.name_or_path == f"meta-llama/Meta-Llama-3-{size}"
         # Riemannion's Table 6 (64) for commonsense, PiSSA's 128 for math/code, StelLA's own 16.
         expected = 16 if "stella" in path.stem else (64 if "commonsense" in path.stem else 128)
         assert plan.global_batch == expected
