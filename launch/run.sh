@@ -17,7 +17,11 @@ fi
 LAUNCH_ARGS=()
 while [ $# -gt 0 ] && [[ "$1" == --* ]]; do
   LAUNCH_ARGS+=("$1")
-  if [[ "$1" != *=* ]] && [ $# -gt 1 ]; then LAUNCH_ARGS+=("$2"); shift; fi
+  case "$1" in  # the launchers' options without a value (DeepSpeed's runner, torchrun)
+    *=*|--no_ssh|--no_ssh_check|--force_multi|--module|--no_python|--no_local_rank|--save_pid|\
+    --bind_cores_to_rank|--quiet|--standalone|--no-python|--run-path) ;;
+    *) if [ $# -gt 1 ]; then LAUNCH_ARGS+=("$2"); shift; fi ;;
+  esac
   shift
 done
 if [ $# -eq 0 ]; then

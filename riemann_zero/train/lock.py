@@ -1,8 +1,9 @@
 """One run per ``output_dir``: a lock file held for the run's whole life by all ranks of one job.
 
 Rank 0 creates ``OUTPUT_DIR/run.lock`` exclusively (``O_CREAT | O_EXCL``) with its pid, host, start
-time and the job's token (host, ``MASTER_ADDR``, ``MASTER_PORT``: every rank of one launch shares
-them and two live launches cannot); the other ranks wait until the lock carries their token. A
+time and the job's token (``MASTER_ADDR``, ``MASTER_PORT`` and the launcher's run id, plus the host
+when the master address is a loopback one: every rank of one launch shares them, on every node,
+and two live launches cannot); the other ranks wait until the lock carries their token. A
 second job gets one line naming the holder. A lock whose process is gone (same host, pid not
 alive, e.g. after ``kill -9``) is reported and taken over; one from another host is reported
 with the way to remove it, since its process cannot be checked from here.
@@ -25,8 +26,14 @@ LOCK_NAME = "run.lock"
 
 
 def job_token() -> str:
-    """What every rank of this launch shares and no other live launch has."""
-    return ":".join([socket.gethostname(), os.environ.get("MASTER_ADDR", ""),
+    """What every rank of this launch shares, on every node, and no other live launch has.
+
+    The master's address and port (and torchrun's run id) identify a launch across its nodes;
+    ranks on other nodes have other host names, so the host enters only when the master address
+    is a loopback one (then every rank is on this host, and two hosts may both use 127.0.0.1)."""
+    addr = os.environ.get("MASTER_ADDR", "")
+    loopback = addr in ("", "localhost", "::1") or addr.startswith("127.")
+    return ":".join([socket.gethostname() if loopback else "", addr,
                      os.environ.get("MASTER_PORT", ""), os.environ.get("TORCHELASTIC_RUN_ID", "")])
 
 

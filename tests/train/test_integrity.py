@@ -159,6 +159,25 @@ def test_other_ranks_of_the_same_job_share_the_lock(tmp_path, monkeypatch):
         RunLock(tmp_path / "run", rank=1, wait_s=0.5).acquire()
 
 
+def test_ranks_on_another_node_share_the_lock(tmp_path, monkeypatch):
+    """Regression: the job token held the host name, so on a real multi-node launch the ranks of
+    the second node (another host name, same master) never recognised rank 0's lock and gave up
+    after wait_s. With a routable master address the host is left out; with a loopback one
+    (every rank on one host) it stays in, so two hosts that both use 127.0.0.1 do not clash."""
+    import socket
+
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "7777")
+    with RunLock(tmp_path / "run", rank=0):
+        monkeypatch.setattr(socket, "gethostname", lambda: "node1")
+        RunLock(tmp_path / "run", rank=2, wait_s=2).acquire()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setattr(socket, "gethostname", lambda: "node0")
+    with RunLock(tmp_path / "run", rank=0), pytest.raises(RecipeError, match="rank 2"):
+        monkeypatch.setattr(socket, "gethostname", lambda: "node1")
+        RunLock(tmp_path / "run", rank=2, wait_s=0.5).acquire()
+
+
 def test_stale_lock_of_a_dead_process_is_reported_and_taken_over(tmp_path, monkeypatch):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
