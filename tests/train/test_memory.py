@@ -207,3 +207,22 @@ def test_estimate_within_30_percent_of_measured_peak(tmp_path):
     print(json.dumps({"estimate_gib": est.device_total / GIB, "measured_gib": measured / GIB,
                       "error": error, "parts_gib": {k: v / GIB for k, v in est.device.items()}}))
     assert math.isfinite(error) and abs(error) < 0.30, (est.table(), measured / GIB)
+
+
+def test_zero_offload_moves_state_and_weights_to_the_host(no_weights, llama3_config):
+    """ZeRO-3 with offload_optimizer/offload_param to cpu: the optimizer state and the base
+    partition leave the device part and appear in the host part, byte for byte."""
+    cfg = llama3_config("70B")
+    from riemann_zero.train.preflight import _linear_shapes
+
+    shapes = _linear_shapes(cfg)
+    path = REPO / "recipes" / "llama3_70b_commonsense.yaml"
+    plain = estimate_memory(load_recipe(path, []), cfg, world=16, local_ranks=8, on_gpu=True,
+                            shapes=shapes)
+    off = estimate_memory(load_recipe(path, [
+        "deepspeed.zero_optimization.offload_optimizer.device=cpu",
+        "deepspeed.zero_optimization.offload_param.device=cpu"]), cfg, world=16, local_ranks=8,
+        on_gpu=True, shapes=shapes)
+    assert "optimizer" not in off.device and "base" not in off.device
+    assert off.host["offload"] == plain.device["optimizer"] + plain.device["base"]
+    assert off.device_total == plain.device_total - off.host["offload"]
