@@ -186,9 +186,10 @@ class LoggingConfig:
 
 @dataclass
 class MemoryConfig:
-    """The per-rank memory estimate preflight prints before any weight loads
-    (:mod:`riemann_zero.train.memory`), and the limits it is checked against: a recipe whose
-    estimate exceeds them is refused with one line naming the figure and the fixes."""
+    """Per-rank memory estimate, printed before loading, and the limits it must fit.
+
+    :mod:`riemann_zero.train.memory` estimates; a recipe whose estimate exceeds the limits is
+    refused with one line naming the figure and the fixes."""
 
     check: bool = True  # false: print the estimate, never refuse
     device_gib: float | None = None  # per-rank accelerator memory; None: this GPU's free memory
