@@ -61,11 +61,12 @@ def _agents(cmds: list[list[str]], envs: list[dict]) -> list[subprocess.Complete
     return [subprocess.CompletedProcess(p.args, p.returncode, o, "") for p, o in zip(procs, outs)]
 
 
-def _torchrun(nnodes: int, nproc: int, node: int, port: int, out: Path) -> list[str]:
+def _torchrun(nnodes: int, nproc: int, node: int, port: int, out: Path, *extra: str
+              ) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
             "--nproc-per-node", str(nproc), "--node-rank", str(node), "--master-addr",
             "127.0.0.1", "--master-port", str(port), "-m", "riemann_zero.train", RECIPE,
-            *COMMON, f"output_dir={out}"]
+            *COMMON, f"output_dir={out}", *extra]
 
 
 def _result(out: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -141,3 +142,19 @@ def test_deepspeed_launcher_two_nodes_without_ssh(tmp_path):
         assert r.returncode == 0, r.stdout[-4000:]
     diff = _same_training(one, two)
     print(f"max |1x4 torchrun - 2x2 deepspeed --no_ssh|: {diff:.3g}")
+
+
+@pytest.mark.slow
+def test_fsdp2_two_nodes_of_two_equal_one_node_of_four(tmp_path):
+    """The same under FSDP2 (engine=fsdp2, lora_A on Shard(1)): the shards live on other
+    processes of another agent, the result is the 1 x 4 one."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    [run] = _agents([_torchrun(1, 4, 0, _port(), one, "engine=fsdp2")], [_env()])
+    assert run.returncode == 0, run.stdout[-4000:]
+    port = _port()
+    runs = _agents([_torchrun(2, 2, n, port, two, "engine=fsdp2") for n in (0, 1)],
+                   [_env(), _env()])
+    for r in runs:
+        assert r.returncode == 0, r.stdout[-4000:]
+    diff = _same_training(one, two)
+    print(f"max |1x4 - 2x2| under FSDP2: {diff:.3g}")
