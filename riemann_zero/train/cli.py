@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = preflight(recipe, world_size=world)
         for note in plan.notes:
             say(note)
+        if plan.memory is not None:
+            say(plan.memory.table())
         if plan.finished:
             say(f"{out} already holds a finished run of this recipe; nothing to train "
                        f"(delete that directory to start over)")

@@ -64,7 +64,7 @@ class Plan:
     trainable: dict[str, tuple[int, ...]] = field(default_factory=dict)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # the engine's complete config
     notes: list[str] = field(default_factory=list)  # what rank 0 tells the user before training
-    memory: MemoryEstimate | None = None  # the per-rank estimate (printed among the notes)
+    memory: MemoryEstimate | None = None  # the per-rank estimate (rank 0 prints its table)
 
 
 def resolve_model_path(name: str) -> str:
@@ -439,7 +439,6 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
     else:
         _check_targets(rc, shapes, type(model_config).__name__)
     memory = _check_memory(rc, model_config, shapes, trainable, world_size, local, on_gpu)
-    notes.append(memory.table())
     resume_from, finished = _check_output_dir(rc, notes)
     return Plan(model_path=path, model_config=model_config, grad_accum=gas,
                 global_batch=mb * gas * world_size, resume_from=resume_from, finished=finished,

@@ -117,7 +117,7 @@ def test_llama3_70b_recipes_fit_two_nodes_and_refuse_what_does_not_fit(tmp_path,
                          local=8, on_gpu=True)
         assert plan.grad_accum == 1 and plan.global_batch == 64
         assert plan.memory.device_total < 80 * GIB and plan.memory.node_host_total < 1024 * GIB
-        assert "memory estimate per rank, GPU (ZeRO-3, base 1/16" in plan.notes[-1]
+        assert "memory estimate per rank, GPU (ZeRO-3, base 1/16" in plan.memory.table()
         eight = preflight(load_recipe(path, out + H100), world_size=8, model_config=cfg,
                           local=8, on_gpu=True)
         assert eight.grad_accum == 2 and eight.memory.device_total < 80 * GIB
