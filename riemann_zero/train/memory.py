@@ -40,8 +40,8 @@ __all__ = ["MemoryEstimate", "estimate_memory", "memory_limits", "memory_error",
 
 GIB = 2**30
 # Resident memory of one driver process before its model loads (Python, torch, transformers,
-# peft, deepspeed, gloo, the tokenised data): measured with VmHWM on the 2-core CPU machine at
-# 0.55-0.65 GiB (README, "Memory estimate"); 0.6 GiB.
+# peft, deepspeed, gloo, the tokenised data): VmHWM 0.39 GiB after the imports and 0.58-0.61 GiB
+# once the commonsense data is loaded, measured in the driver on the 2-core CPU machine; 0.6 GiB.
 RUNTIME_CPU = int(0.6 * GIB)
 # On a GPU: the CUDA context, cuBLAS workspace and NCCL buffers (about 1 GiB per process is the
 # usual figure for recent CUDA; not measured here), and the host side of the same process.
