@@ -68,16 +68,8 @@ def main(spec: dict) -> None:
     out = Path(spec["out"])
     stage = spec.get("stage")
     extra = {}
-    if stage is not None:
-        # On CPU, TrainingArguments(deepspeed=...) sets up no process group (it passes no
-        # backend, and accelerate knows none for CPUs): configure the state for DeepSpeed on gloo
-        # first and tell TrainingArguments to use it.
-        from accelerate import PartialState
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        PartialState(backend="gloo")
-        extra = {"deepspeed": ds_config(stage),
-                 "accelerator_config": {"use_configured_state": True}}
+    if stage is not None:  # a plain user script: riemann_zero.hf completes the CPU state
+        extra = {"deepspeed": ds_config(stage)}
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=spec["per_device"],
         max_steps=spec["steps"], learning_rate=LR, weight_decay=0.01, warmup_steps=1,

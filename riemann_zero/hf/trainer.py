@@ -44,6 +44,13 @@ import torch
 from riemann_zero.adapters.export import save_adapter
 from riemann_zero.adapters.layout import RANK_ATTR, convert, find_adapters, init_points, lora_layers
 from riemann_zero.adapters.loi import loi_init
+from riemann_zero.hf.state import (
+    check_world,
+    complete_deepspeed_state,
+    complete_fsdp_state,
+    is_fsdp2,
+    shard_fsdp2,
+)
 from riemann_zero.optim.base import manifold_health
 from riemann_zero.sharding.comm import sketch_reduce
 from riemann_zero.sharding.params import full_tensor, gathered
@@ -133,7 +140,10 @@ class _Riemann:
         targs = bound.get("args")
         check_options(rz_optimizer, rz_optimizer_kwargs, rz_init, rz_init_kwargs,
                       bound.get("optimizers"), _ds_config(getattr(targs, "deepspeed", None)))
+        if targs is not None:
+            complete_deepspeed_state(targs)  # CPU processes: the world DeepSpeed set up
         super().__init__(*args, **kwargs)
+        check_world(self.accelerator)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         problem = _optimizer_block_error(getattr(plugin, "deepspeed_config", None))
         if problem:  # a DeepSpeed config from `accelerate launch --deepspeed_config_file`
@@ -156,10 +166,21 @@ class _Riemann:
         elif rz_init == "keep":
             self._rz_started = True
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        complete_fsdp_state(self)  # CPU processes: FSDP as asked, not DDP
+
     # ---------------------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
-        """The registry's manifold optimizer on the model (DeepSpeed's integration calls this)."""
+        """The registry's manifold optimizer on the model (DeepSpeed's integration calls this).
+
+        Under FSDP2 the Trainer builds the optimizer before ``accelerator.prepare`` shards the
+        model, but the manifold optimizer resolves its row shards from the parameters it is given:
+        the model is sharded here first (accelerate's own FSDP2 preparation, lora_A on
+        ``Shard(1)``), so the optimizer sees the DTensor parameters the training will use."""
         if self.optimizer is None:
+            if is_fsdp2(self) and model is None:
+                self.model = self.model_wrapped = shard_fsdp2(self.accelerator, self.model)
             target = self.model if model is None else model
             row = registry.spec(self.rz_optimizer)
             a = self.args
