@@ -279,9 +279,48 @@ class _Riemann:
         if missing:
             raise ValueError(f"{path} names tensors this model lacks ({missing[:3]}); build the "
                              f"same model (LoRA targets, rank, rz_init) to resume")
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         with torch.no_grad():
-            for name, value in state.items():
-                own[name].copy_(value.to(own[name].device))
+            for name, value in state.items():  # the same order on every rank (FSDP2: collective)
+                dest = own[name]
+                value = value.to(dest.device)
+                if isinstance(dest, DTensor):
+                    value = distribute_tensor(value, dest.device_mesh, dest.placements)
+                dest.copy_(value)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's manifold-layout adapter (and LOI's
+        ΔW₀), not its exported adapter, which is relative to the original base. DeepSpeed loads
+        its own checkpoint of the same folder, as in the parent."""
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint, self.model_wrapped)
+
+    # Under FSDP the parent saves the optimizer through torch.distributed.checkpoint, which keeps
+    # only torch.optim's state/param_groups (dropping the per-adapter momentum) and, finding that
+    # state empty, runs a zero-lr step() that decays the momentum: the manifold optimizer's own
+    # state_dict (this rank's rows) is saved per rank instead, as in train/engines.py.
+    def _rz_optimizer_file(self, checkpoint: str) -> Path:
+        return Path(checkpoint) / f"rz_optimizer_rank{self.args.process_index}.pt"
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(self.rz_client_optimizer.state_dict(), self._rz_optimizer_file(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / "scheduler.pt")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.is_fsdp_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = self._rz_optimizer_file(checkpoint)
+        if not path.exists():
+            raise ValueError(f"{checkpoint} has no {path.name}: resume with the same number of "
+                             f"FSDP processes that wrote it")
+        self.rz_client_optimizer.load_state_dict(torch.load(path, weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt"))
 
 
 def __getattr__(name: str):

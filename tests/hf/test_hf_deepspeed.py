@@ -12,41 +12,24 @@ rank training on the other's data moves X by ≥ 1e-2 relative.
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from hf_worker import launch, stock_peft_logits  # noqa: E402
+
 RTOL = 1e-5
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
            PYTHONWARNINGS="ignore", PYTHONPATH=str(HERE.parents[1]))
 pytestmark = pytest.mark.slow  # 6 Trainer runs, 4 of them 2-process (~2–3 min on 2 cores)
 
 
-def _port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _run(tmp: Path, name: str, world: int, **spec) -> dict:
-    out = tmp / name
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps({"out": str(out), "steps": 4, **spec}))
-    launch = [sys.executable] if world == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-        f"--master-port={_port()}"]
-    proc = subprocess.run([*launch, str(HERE / "hf_worker.py"), str(path)], env=ENV,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out / "result.pt")
+    return launch(tmp, name, world, ENV, steps=4, **spec)
 
 
 @pytest.fixture(scope="module")
@@ -87,27 +70,7 @@ def test_zero_adapter_reproduces_logits_in_stock_peft(runs, stage, loi, tmp_path
     saved = tmp / f"z{stage}_loi{int(loi)}" / "adapter"
     tensors = load_file(str(saved / "adapter_model.safetensors"))
     assert tensors and all(t.numel() and t.abs().max() > 0 for t in tensors.values())
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(HERE)!r})
-        from peft import PeftModel
-        from transformers import LlamaConfig, LlamaForCausalLM
-        from hf_worker import LLAMA, VOCAB, SEQ
-        ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
-        out = []
-        for path in ({str(saved)!r}, {str(tmp / f"ref_loi{int(loi)}" / "adapter")!r}, None):
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(LlamaConfig(**LLAMA)).float()
-            if path:
-                model = PeftModel.from_pretrained(model, path)
-            with torch.no_grad():
-                out.append(model.eval()(input_ids=ids).logits)
-        assert "riemann_zero" not in sys.modules
-        torch.save(out, {str(tmp_path / "logits.pt")!r})
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], env={**ENV, "PYTHONPATH": ""},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    dist, ref, base = torch.load(tmp_path / "logits.pt")
+    dist, ref, base = stock_peft_logits(
+        [saved, tmp / f"ref_loi{int(loi)}" / "adapter", None], tmp_path / "logits.pt", ENV)
     assert (ref - base).abs().max() > 1e-4  # the adapter changes the logits
     assert (dist - ref).abs().max() <= RTOL * ref.abs().max()
