@@ -6,13 +6,14 @@ initialisation, a stock PEFT adapter at the end. Offline on CPU.
     python examples/trl_sft.py                                 # one process
     python examples/trl_sft.py --max-steps 2 --layers 4        # a quick look: 4-layer cut, <1 min
 
-Two processes (DDP; on GPUs drop --cpu):
+Two processes, on CPU as here (on GPUs drop --cpu; torchrun needs nothing else):
 
-    torchrun --nproc-per-node 2 examples/trl_sft.py
-    accelerate launch --num_processes 2 --cpu examples/trl_sft.py
+    torchrun --nproc-per-node 2 examples/trl_sft.py                          # DDP
+    accelerate launch --num_processes 2 --cpu examples/trl_sft.py            # DDP
+    torchrun --nproc-per-node 2 examples/trl_sft.py --fsdp                   # FSDP2
+    DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 examples/trl_sft.py --zero 2      # ZeRO-2
 
-DeepSpeed ZeRO works as in examples/hf_trainer.py (``--zero 2 --gloo`` on CPU, with
-``DS_ACCELERATOR=cpu``).
+(--fsdp and --zero as in examples/hf_trainer.py; add --max-steps 2 --layers 4 for a quick look.)
 
 What differs from a plain TRL script is marked ``# <- riemann_zero``.
 """
@@ -49,21 +50,17 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--layers", type=int, default=None, help="cut SmolLM2 to its first N layers")
     ap.add_argument("--zero", type=int, default=None, help="DeepSpeed ZeRO stage (0-3)")
-    ap.add_argument("--gloo", action="store_true", help="DeepSpeed on CPU processes (gloo)")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 through accelerate")
     a = ap.parse_args()
 
     extra = {}
-    if a.zero is not None:
-        if a.gloo:  # CPU: accelerate sets up no process group for DeepSpeed by itself
-            from accelerate import PartialState
-
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-            PartialState(backend="gloo")
-            extra["accelerator_config"] = {"use_configured_state": True}
+    if a.zero is not None:  # no "optimizer" block: Riemannion is the optimizer
         extra["deepspeed"] = {"zero_optimization": {"stage": a.zero},
                               "train_micro_batch_size_per_gpu": "auto",
                               "gradient_accumulation_steps": "auto",
                               "gradient_clipping": "auto"}
+    if a.fsdp:
+        extra.update(fsdp=True, fsdp_config={"version": 2})
     path = assets.smollm2(layers=a.layers)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -15,9 +15,9 @@ Two gaps in transformers 5.2x / accelerate 1.15 on CPU processes:
   re-derives ``TrainingArguments``' DeepSpeed config for the real world size.
 - FSDP. ``AcceleratorState`` turns a multi-process state into FSDP only for accelerator devices
   (accelerate ``state.py``: the ``elif self.distributed_type in [MULTI_GPU, ...]`` list lacks
-  ``MULTI_CPU``), so ``TrainingArguments(fsdp=..., use_cpu=True)`` drops the FSDP plugin and the
-  Trainer wraps the model in DDP. :func:`complete_fsdp_state` sets the FSDP type and plugin as
-  that branch does for GPUs.
+  ``MULTI_CPU``), so ``TrainingArguments(fsdp=..., use_cpu=True)``, or ``accelerate launch --cpu
+  --use_fsdp``, drops the FSDP plugin and the Trainer wraps the model in DDP.
+  :func:`complete_fsdp_state` sets the FSDP type and plugin as that branch does for GPUs.
 
 :func:`check_world` makes a silent single-rank fallback impossible: a launcher that started
 ``WORLD_SIZE`` processes and a Trainer that sees fewer is refused.
@@ -72,10 +72,11 @@ def complete_fsdp_state(trainer) -> None:
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
-    if (trainer.args.fsdp_plugin_args is None or trainer.is_fsdp_enabled
-            or state.distributed_type != DistributedType.MULTI_CPU):
+    kwargs = trainer.args.fsdp_plugin_args  # TrainingArguments(fsdp=...), else the launcher's
+    asked = kwargs is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if not asked or trainer.is_fsdp_enabled or state.distributed_type != DistributedType.MULTI_CPU:
         return
-    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    plugin = FullyShardedDataParallelPlugin(**(kwargs or {}))  # reads accelerate's FSDP_* vars
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin

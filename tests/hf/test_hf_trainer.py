@@ -114,10 +114,11 @@ def test_trainer_equals_plain_loop(tmp_path, accum):
 
 def test_refusals_are_one_line_before_any_step(tmp_path):
     """optimizers=(...) with rz_optimizer, a DeepSpeed optimizer block, an unknown optimizer, lr
-    in rz_optimizer_kwargs: each refused at construction with one line naming the fix (run in a
-    fresh process: TrainingArguments(deepspeed=...) changes process-wide state)."""
+    in rz_optimizer_kwargs, a launcher's WORLD_SIZE=2 while the Trainer sees one process: each
+    refused at construction with one line naming the fix (run in a fresh process:
+    TrainingArguments(deepspeed=...) changes process-wide state)."""
     script = textwrap.dedent(f"""
-        import sys, torch
+        import os, sys, torch
         sys.path.insert(0, {str(HERE)!r})
         import hf_worker as w
         from transformers import TrainingArguments
@@ -134,8 +135,10 @@ def test_refusals_are_one_line_before_any_step(tmp_path):
             "name": (dict(args=args()), dict(rz_optimizer="adamw")),
             "lr": (dict(args=args()), dict(rz_optimizer_kwargs={{"lr": 1.0}})),
         }}
+        cases["world"] = (dict(args=args()), {{}})  # a launcher's 2 processes, 1 seen
         for name, (targs, extra) in cases.items():
             model = w.build_peft()
+            os.environ["WORLD_SIZE"] = "2" if name == "world" else "1"
             try:
                 Trainer(model=model, train_dataset=w.data(), **targs, **extra)
             except ValueError as err:
@@ -147,13 +150,14 @@ def test_refusals_are_one_line_before_any_step(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(ln.split("\t", 1) for ln in proc.stdout.splitlines() if "\t" in ln)
-    assert set(lines) == {"optimizers", "ds_optimizer", "name", "lr"}
+    assert set(lines) == {"optimizers", "ds_optimizer", "name", "lr", "world"}
     for msg in lines.values():
         assert "<NL>" not in msg and msg != "NOT REFUSED"
     assert "drop optimizers=" in lines["optimizers"]
     assert "remove the 'optimizer' block" in lines["ds_optimizer"]
     assert "riemannion" in lines["name"]
     assert "learning_rate" in lines["lr"]
+    assert "WORLD_SIZE=2" in lines["world"] and "use_cpu=True" in lines["world"]
 
 
 @pytest.mark.parametrize("loi", [False, True])
