@@ -84,8 +84,10 @@ def main() -> None:
     trainer.train()
     trainer.save_model(os.path.join(a.output_dir, "adapter"))  # a stock PEFT adapter
     if trainer.is_world_process_zero():
-        print(f"adapter: {os.path.join(a.output_dir, 'adapter')} (load with "
-              f"peft.PeftModel.from_pretrained on the original SmolLM2)")
+        print(f"trained on {args.world_size} process(es), "
+              f"{trainer.accelerator.distributed_type.value}; adapter: "
+              f"{os.path.join(a.output_dir, 'adapter')} (load with peft.PeftModel.from_pretrained "
+              f"on the original SmolLM2)")
 
 
 if __name__ == "__main__":

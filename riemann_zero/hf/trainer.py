@@ -21,10 +21,15 @@ How it fits into the Trainer:
 - a stock PEFT LoRA model is converted to the manifold layout at construction; LOI runs at the
   start of ``train()``, before DeepSpeed/FSDP wrap the model, on each rank's own calibration
   batches with the sketches summed over the data-parallel ranks;
+- under FSDP2 the model is sharded (accelerate's own preparation, lora_A on ``Shard(1)``) before
+  the optimizer is built on its DTensor parameters; on CPU processes accelerate's state is
+  completed for DeepSpeed and FSDP, and a Trainer that sees fewer processes than the launcher
+  started is refused (:mod:`riemann_zero.hf.state`);
 - ``save_model()`` and every checkpoint write a stock PEFT adapter relative to the ORIGINAL base
   (:func:`riemann_zero.save_adapter`); a checkpoint also holds the manifold-layout adapter
   (``riemann_zero_state.safetensors``) from which ``train(resume_from_checkpoint=...)`` continues
-  (under DeepSpeed, DeepSpeed's own checkpoint in the same folder does);
+  (under DeepSpeed, DeepSpeed's own checkpoint in the same folder does; under FSDP, the manifold
+  optimizer's rows are saved per rank) and which ``load_best_model_at_end`` loads;
 - logged steps add the manifold health (``manifold/orth_err_U`` …) and the optimizer's bytes per
   collective of its last step (``comm/all_reduce.gram_m`` …) to ``Trainer.log()``, so they reach
   every ``report_to``.
