@@ -130,5 +130,15 @@ def shard_fsdp2(accelerator, model: torch.nn.Module) -> torch.nn.Module:
 
     if isinstance(model, FSDPModule):
         return model
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("riemann_zero.hf needs the whole model on every rank before FSDP2 "
+                         "shards it (conversion, LOI), but some weights are on the meta device; "
+                         "set fsdp_config cpu_ram_efficient_loading=false "
+                         "(FSDP_CPU_RAM_EFFICIENT_LOADING=false)")
+    # Every rank holds the whole model already, so accelerate's cpu_ram_efficient_loading
+    # (`accelerate launch --use_fsdp` turns it on) would only move it to meta and broadcast it back
+    # from rank 0, and its loader expects every state-dict entry to be a DTensor, which LOI's
+    # persistent ΔW₀ buffers are not: shard the weights where they are.
+    accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
     with _placement(fsdp_placement(model)):
         return fsdp2_prepare_model(accelerator, model)

@@ -139,9 +139,11 @@ def stock_peft_logits(adapters: list, out: Path, env: dict) -> list[torch.Tensor
     return torch.load(out)
 
 
-def launch(tmp: Path, name: str, world: int, env: dict, expect: int = 0, **spec) -> dict | None:
-    """Run this worker on ``spec`` in ``world`` processes (``torchrun`` when > 1) with output
-    folder ``tmp/name``; assert its exit status; rank 0's ``result.pt`` (None if it has none)."""
+def launch(tmp: Path, name: str, world: int, env: dict, expect: int = 0,
+           accelerate: tuple[str, ...] = (), **spec) -> dict | None:
+    """Run this worker on ``spec`` in ``world`` processes (``torchrun`` when > 1, or ``accelerate
+    launch`` with the options ``accelerate``) with output folder ``tmp/name``; assert its exit
+    status; rank 0's ``result.pt`` (None if it has none)."""
     import socket
     import subprocess
 
@@ -153,8 +155,10 @@ def launch(tmp: Path, name: str, world: int, env: dict, expect: int = 0, **spec)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
             port = int(sock.getsockname()[1])
-        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={world}",
-                     f"--master-port={port}"]
+        launcher += (["-m", "accelerate.commands.launch", "--num_processes", str(world),
+                      "--main_process_port", str(port), *accelerate] if accelerate else
+                     ["-m", "torch.distributed.run", f"--nproc-per-node={world}",
+                      f"--master-port={port}"])
     proc = subprocess.run([*launcher, __file__, str(path)], env=env, capture_output=True,
                           text=True, timeout=900)
     if world > 1 and expect:  # torchrun exits 1 and names each child's exit status

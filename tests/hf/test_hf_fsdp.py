@@ -1,9 +1,10 @@
-"""riemann_zero.hf.Trainer under FSDP2 through accelerate (``TrainingArguments(fsdp=True,
-fsdp_config={"version": 2})``), 2 gloo processes, plain user script (tests/hf/hf_worker.py) under
-``torchrun``: the parameters really are DTensors with lora_A on ``Shard(1)`` (a silent DDP
-fallback fails here), the run equals the one-process Trainer run, its adapter reproduces those
-logits in stock PEFT in a process that never imports riemann_zero, and a run killed after a
-checkpoint resumes to the uninterrupted run's losses and points.
+"""riemann_zero.hf.Trainer under FSDP2 through accelerate, 2 gloo processes, plain user script
+(tests/hf/hf_worker.py) under ``torchrun`` with ``TrainingArguments(fsdp=True,
+fsdp_config={"version": 2})``, and under ``accelerate launch --use_fsdp --fsdp_version 2`` alone:
+the parameters really are DTensors with lora_A on ``Shard(1)`` (a silent DDP fallback fails
+here), the run equals the one-process Trainer run, its adapter reproduces those logits in stock
+PEFT in a process that never imports riemann_zero, and a run killed after a checkpoint resumes to
+the uninterrupted run's losses and points.
 
 Tolerances: RTOL = 1e-5 as in tests/distributed/test_engines.py. FSDP2 reduce-scatters the two
 ranks' gradients (and LOI sums the two ranks' sketches) in another order than one process sums the
@@ -28,7 +29,7 @@ from hf_worker import launch, stock_peft_logits  # noqa: E402
 RTOL = 1e-5
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
            PYTHONWARNINGS="ignore", PYTHONPATH=str(HERE.parents[1]))
-pytestmark = pytest.mark.slow  # 1 one-process and 3 two-process Trainer runs (~2–3 min)
+pytestmark = pytest.mark.slow  # 1 one-process and 4 two-process Trainer runs (~3–4 min)
 COMMON = dict(steps=4, loi=True)
 
 
@@ -42,7 +43,12 @@ def runs(tmp_path_factory):
                   kill_at=2, **COMMON) is None  # killed right after the step-2 checkpoint
     resumed = launch(tmp, "cut", 2, ENV, per_device=2, fsdp=True, save_steps=2,
                      resume=str(tmp / "cut" / "checkpoint-2"), **COMMON)
-    return tmp, ref, full, resumed
+    # FSDP2 from the launcher alone (its environment; no fsdp= in TrainingArguments), with its
+    # default cpu_ram_efficient_loading (accelerate refuses --cpu with --use_fsdp: the worker
+    # asks for use_cpu=True itself)
+    launched = launch(tmp, "accelerate", 2, ENV, per_device=2, **COMMON,
+                      accelerate=("--use_fsdp", "--fsdp_version", "2"))
+    return tmp, ref, full, resumed, launched
 
 
 def _rel(a: dict, b: dict) -> float:
@@ -51,12 +57,13 @@ def _rel(a: dict, b: dict) -> float:
 
 
 def test_fsdp2_two_processes_equal_one(runs):
-    _, ref, full, _ = runs
-    assert full["world"] == 2 and full["engine"].startswith("FSDP")  # sharded, not DDP
-    assert full["lora_A"] == ["(Shard(dim=1),)"]  # DTensors, the manifold placement
-    assert _rel(full["points"], ref["points"]) <= RTOL
-    assert full["losses"] == pytest.approx(ref["losses"], rel=RTOL)
-    assert all(h.get("comm/all_reduce.gram_m", 0) > 0 for h in full["logs"])
+    _, ref, full, _, launched = runs
+    for got in (full, launched):
+        assert got["world"] == 2 and got["engine"].startswith("FSDP")  # sharded, not DDP
+        assert got["lora_A"] == ["(Shard(dim=1),)"]  # DTensors, the manifold placement
+        assert _rel(got["points"], ref["points"]) <= RTOL
+        assert got["losses"] == pytest.approx(ref["losses"], rel=RTOL)
+        assert all(h.get("comm/all_reduce.gram_m", 0) > 0 for h in got["logs"])
 
 
 def test_fsdp2_adapter_reproduces_logits_in_stock_peft(runs, tmp_path):
@@ -68,7 +75,7 @@ def test_fsdp2_adapter_reproduces_logits_in_stock_peft(runs, tmp_path):
 
 
 def test_fsdp2_resume_after_kill_continues_exactly(runs):
-    tmp, _, full, resumed = runs
+    tmp, _, full, resumed, _ = runs
     ckpt = tmp / "cut" / "checkpoint-2"
     assert sorted(p.name for p in ckpt.glob("rz_optimizer_rank*.pt")) == [
         "rz_optimizer_rank0.pt", "rz_optimizer_rank1.pt"]
