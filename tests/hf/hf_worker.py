@@ -1,13 +1,17 @@
 """One Hugging Face Trainer run with Riemannion on a tiny random Llama, for the tests of
-:mod:`riemann_zero.hf` (one process, or several under ``torchrun``; CPU, gloo).
+:mod:`riemann_zero.hf` (one process, or several under ``torchrun`` / ``accelerate launch``; CPU,
+gloo). A plain user script: no accelerate state is configured before ``TrainingArguments``.
 
 ``python tests/hf/hf_worker.py SPEC.json``. The spec says: ``out`` (output_dir), ``steps``,
-``per_device`` (micro-batch per rank), ``loi`` (rz_init="loi", else "zero"), ``stage`` (DeepSpeed
-ZeRO stage via ``TrainingArguments(deepspeed=...)``, or null for none), ``save_steps`` (0: no
+``per_device`` (micro-batch per rank), ``accum`` (gradient accumulation steps, default 1), ``loi``
+(rz_init="loi", else "zero"), ``stage`` (DeepSpeed ZeRO stage via
+``TrainingArguments(deepspeed=...)``, or null for none), ``fsdp`` (FSDP2 via
+``TrainingArguments(fsdp=True, fsdp_config={"version": 2})``), ``save_steps`` (0: no
 checkpoints), ``kill_at`` (exit the process hard right after the checkpoint of that step),
 ``resume`` (a checkpoint to resume from). Rank 0 writes ``OUT/result.pt``: the manifold points X
-(float64), the logged per-step losses, the manifold-health logs, and the final adapter goes to
-``OUT/adapter`` through ``trainer.save_model``.
+(float64), the logged per-step losses, the manifold-health logs, the world size the Trainer saw,
+the wrapper class of the model (``model_wrapped``) and the placements of the lora_A parameters;
+the final adapter goes to ``OUT/adapter`` through ``trainer.save_model``.
 
 The data are ``N_SEQ`` fixed random sequences of equal length (no padding), read in order
 (``train_sampling_strategy="sequential"``), so a global batch is the same examples at any world
