@@ -59,6 +59,8 @@ def main() -> None:
                               "train_micro_batch_size_per_gpu": "auto",
                               "gradient_accumulation_steps": "auto",
                               "gradient_clipping": "auto"}
+        if not torch.cuda.is_available():  # DeepSpeed's processes are not use_cpu ones, and
+            extra["bf16"] = False          # TrainingArguments refuses TRL's default bf16 there
     if a.fsdp:
         extra.update(fsdp=True, fsdp_config={"version": 2})
     path = assets.smollm2(layers=a.layers)
