@@ -5,18 +5,20 @@ commonsense mixture, LOI initialisation, a stock PEFT adapter at the end. Offlin
     python examples/hf_trainer.py --max-steps 4 --layers 4     # a quick look: 4-layer cut, ~2 min
                                                                # on 2 CPU cores (4 evals of 64)
 
-Two processes, on CPU as here (on GPUs drop --cpu and DS_ACCELERATOR=cpu):
+Two processes, on CPU as here (on GPUs the same lines; drop DS_ACCELERATOR=cpu):
 
     torchrun --nproc-per-node 2 examples/hf_trainer.py                       # DDP
-    accelerate launch --num_processes 2 --cpu examples/hf_trainer.py         # DDP
+    accelerate launch --multi_gpu --num_processes 2 examples/hf_trainer.py   # DDP
     torchrun --nproc-per-node 2 examples/hf_trainer.py --fsdp                # FSDP2
     accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 examples/hf_trainer.py
     DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 examples/hf_trainer.py --zero 2   # ZeRO-2
 
 --fsdp is TrainingArguments(fsdp=True, fsdp_config={"version": 2}) (lora_A sharded along its
-input dimension); accelerate launch refuses --cpu with --use_fsdp, and without a GPU the script
-asks for CPU processes itself. --zero N is TrainingArguments(deepspeed=...) with no "optimizer"
-block, so Riemannion is the optimizer. Add --max-steps 2 --layers 4 to any line for a quick look.
+input dimension); --zero N is TrainingArguments(deepspeed=...) with no "optimizer" block, so
+Riemannion is the optimizer. Without a GPU the script asks for CPU processes itself: `accelerate
+launch --cpu` would start ONE process (its simple launcher; it also refuses --cpu with
+--use_fsdp), while --multi_gpu / --use_fsdp start the 2 processes on CPUs as well. Add
+--max-steps 2 --layers 4 to any line for a quick look.
 
 What differs from a plain Trainer script is marked ``# <- riemann_zero``.
 """

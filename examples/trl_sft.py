@@ -6,10 +6,10 @@ initialisation, a stock PEFT adapter at the end. Offline on CPU.
     python examples/trl_sft.py                                 # one process
     python examples/trl_sft.py --max-steps 2 --layers 4        # a quick look: 4-layer cut, <1 min
 
-Two processes, on CPU as here (on GPUs drop --cpu and DS_ACCELERATOR=cpu):
+Two processes, on CPU as here (on GPUs the same lines; drop DS_ACCELERATOR=cpu):
 
     torchrun --nproc-per-node 2 examples/trl_sft.py                          # DDP
-    accelerate launch --num_processes 2 --cpu examples/trl_sft.py            # DDP
+    accelerate launch --multi_gpu --num_processes 2 examples/trl_sft.py      # DDP
     torchrun --nproc-per-node 2 examples/trl_sft.py --fsdp                   # FSDP2
     DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 examples/trl_sft.py --zero 2      # ZeRO-2
 
