@@ -5,15 +5,20 @@ commonsense mixture, LOI initialisation, a stock PEFT adapter at the end. Offlin
     python examples/hf_trainer.py --max-steps 4 --layers 4     # a quick look: 4-layer cut, ~2 min
                                                                # on 2 CPU cores (4 evals of 64)
 
-Two processes (DDP on CPU; on GPUs drop --cpu and use one process per GPU):
+Two processes, on CPU as here (on GPUs the same lines; drop DS_ACCELERATOR=cpu):
 
-    torchrun --nproc-per-node 2 examples/hf_trainer.py
-    accelerate launch --num_processes 2 --cpu examples/hf_trainer.py
+    torchrun --nproc-per-node 2 examples/hf_trainer.py                       # DDP
+    accelerate launch --multi_gpu --num_processes 2 examples/hf_trainer.py   # DDP
+    torchrun --nproc-per-node 2 examples/hf_trainer.py --fsdp                # FSDP2
+    accelerate launch --num_processes 2 --use_fsdp --fsdp_version 2 examples/hf_trainer.py
+    DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 examples/hf_trainer.py --zero 2   # ZeRO-2
 
-With DeepSpeed ZeRO (TrainingArguments(deepspeed=...), no "optimizer" block: Riemannion is the
-optimizer; on CPU add --gloo so that the DeepSpeed state is set up on gloo):
-
-    DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 examples/hf_trainer.py --zero 2 --gloo
+--fsdp is TrainingArguments(fsdp=True, fsdp_config={"version": 2}) (lora_A sharded along its
+input dimension); --zero N is TrainingArguments(deepspeed=...) with no "optimizer" block, so
+Riemannion is the optimizer. Without a GPU the script asks for CPU processes itself: `accelerate
+launch --cpu` would start ONE process (its simple launcher; it also refuses --cpu with
+--use_fsdp), while --multi_gpu / --use_fsdp start the 2 processes on CPUs as well. Add
+--max-steps 2 --layers 4 to any line for a quick look.
 
 What differs from a plain Trainer script is marked ``# <- riemann_zero``.
 """
@@ -41,7 +46,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--layers", type=int, default=None, help="cut SmolLM2 to its first N layers")
     ap.add_argument("--zero", type=int, default=None, help="DeepSpeed ZeRO stage (0-3)")
-    ap.add_argument("--gloo", action="store_true", help="DeepSpeed on CPU processes (gloo)")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 through accelerate")
     a = ap.parse_args()
 
     path = assets.smollm2(layers=a.layers)  # the real SmolLM2, from the offline asset cache
@@ -53,17 +58,13 @@ def main() -> None:
                      max_length=192)
 
     extra = {}
-    if a.zero is not None:
-        if a.gloo:  # CPU: accelerate sets up no process group for DeepSpeed by itself
-            from accelerate import PartialState
-
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-            PartialState(backend="gloo")
-            extra["accelerator_config"] = {"use_configured_state": True}
+    if a.zero is not None:  # no "optimizer" block: Riemannion is the optimizer
         extra["deepspeed"] = {"zero_optimization": {"stage": a.zero},
                               "train_micro_batch_size_per_gpu": "auto",
                               "gradient_accumulation_steps": "auto",
                               "gradient_clipping": "auto"}
+    if a.fsdp:
+        extra.update(fsdp=True, fsdp_config={"version": 2})
     # Build the model before TrainingArguments(deepspeed=ZeRO-3), so LOI sees whole weights.
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.05,
@@ -86,8 +87,10 @@ def main() -> None:
     trainer.train()
     trainer.save_model(os.path.join(a.output_dir, "adapter"))  # a stock PEFT adapter
     if trainer.is_world_process_zero():
-        print(f"adapter: {os.path.join(a.output_dir, 'adapter')} (load with "
-              f"peft.PeftModel.from_pretrained on the original SmolLM2)")
+        print(f"trained on {args.world_size} process(es), "
+              f"{trainer.accelerator.distributed_type.value}; adapter: "
+              f"{os.path.join(a.output_dir, 'adapter')} (load with peft.PeftModel.from_pretrained "
+              f"on the original SmolLM2)")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ initialisation, a stock PEFT adapter at the end. Offline on CPU.
     python examples/trl_sft.py                                 # one process
     python examples/trl_sft.py --max-steps 2 --layers 4        # a quick look: 4-layer cut, <1 min
 
-Two processes (DDP; on GPUs drop --cpu):
+Two processes, on CPU as here (on GPUs the same lines; drop DS_ACCELERATOR=cpu):
 
-    torchrun --nproc-per-node 2 examples/trl_sft.py
-    accelerate launch --num_processes 2 --cpu examples/trl_sft.py
+    torchrun --nproc-per-node 2 examples/trl_sft.py                          # DDP
+    accelerate launch --multi_gpu --num_processes 2 examples/trl_sft.py      # DDP
+    torchrun --nproc-per-node 2 examples/trl_sft.py --fsdp                   # FSDP2
+    DS_ACCELERATOR=cpu torchrun --nproc-per-node 2 examples/trl_sft.py --zero 2      # ZeRO-2
 
-DeepSpeed ZeRO works as in examples/hf_trainer.py (``--zero 2 --gloo`` on CPU, with
-``DS_ACCELERATOR=cpu``).
+(--fsdp and --zero as in examples/hf_trainer.py; add --max-steps 2 --layers 4 for a quick look.)
 
 What differs from a plain TRL script is marked ``# <- riemann_zero``.
 """
@@ -49,21 +50,19 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--layers", type=int, default=None, help="cut SmolLM2 to its first N layers")
     ap.add_argument("--zero", type=int, default=None, help="DeepSpeed ZeRO stage (0-3)")
-    ap.add_argument("--gloo", action="store_true", help="DeepSpeed on CPU processes (gloo)")
+    ap.add_argument("--fsdp", action="store_true", help="FSDP2 through accelerate")
     a = ap.parse_args()
 
     extra = {}
-    if a.zero is not None:
-        if a.gloo:  # CPU: accelerate sets up no process group for DeepSpeed by itself
-            from accelerate import PartialState
-
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-            PartialState(backend="gloo")
-            extra["accelerator_config"] = {"use_configured_state": True}
+    if a.zero is not None:  # no "optimizer" block: Riemannion is the optimizer
         extra["deepspeed"] = {"zero_optimization": {"stage": a.zero},
                               "train_micro_batch_size_per_gpu": "auto",
                               "gradient_accumulation_steps": "auto",
                               "gradient_clipping": "auto"}
+        if not torch.cuda.is_available():  # DeepSpeed's processes are not use_cpu ones, and
+            extra["bf16"] = False          # TrainingArguments refuses TRL's default bf16 there
+    if a.fsdp:
+        extra.update(fsdp=True, fsdp_config={"version": 2})
     path = assets.smollm2(layers=a.layers)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -85,7 +84,10 @@ def main() -> None:
     trainer.train()
     trainer.save_model(os.path.join(a.output_dir, "adapter"))  # a stock PEFT adapter
     if trainer.is_world_process_zero():
-        print(f"adapter: {os.path.join(a.output_dir, 'adapter')}")
+        print(f"trained on {args.world_size} process(es), "
+              f"{trainer.accelerator.distributed_type.value}; adapter: "
+              f"{os.path.join(a.output_dir, 'adapter')} (load with peft.PeftModel.from_pretrained "
+              f"on the original SmolLM2)")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """One Hugging Face Trainer run with Riemannion on a tiny random Llama, for the tests of
-:mod:`riemann_zero.hf` (one process, or several under ``torchrun``; CPU, gloo).
+:mod:`riemann_zero.hf` (one process, or several under ``torchrun`` / ``accelerate launch``; CPU,
+gloo). A plain user script: no accelerate state is configured before ``TrainingArguments``.
 
 ``python tests/hf/hf_worker.py SPEC.json``. The spec says: ``out`` (output_dir), ``steps``,
-``per_device`` (micro-batch per rank), ``loi`` (rz_init="loi", else "zero"), ``stage`` (DeepSpeed
-ZeRO stage via ``TrainingArguments(deepspeed=...)``, or null for none), ``save_steps`` (0: no
+``per_device`` (micro-batch per rank), ``accum`` (gradient accumulation steps, default 1), ``loi``
+(rz_init="loi", else "zero"), ``stage`` (DeepSpeed ZeRO stage via
+``TrainingArguments(deepspeed=...)``, or null for none), ``fsdp`` (FSDP2 via
+``TrainingArguments(fsdp=True, fsdp_config={"version": 2})``), ``save_steps`` (0: no
 checkpoints), ``kill_at`` (exit the process hard right after the checkpoint of that step),
 ``resume`` (a checkpoint to resume from). Rank 0 writes ``OUT/result.pt``: the manifold points X
-(float64), the logged per-step losses, the manifold-health logs, and the final adapter goes to
-``OUT/adapter`` through ``trainer.save_model``.
+(float64), the logged per-step losses, the manifold-health logs, the world size the Trainer saw,
+the wrapper class of the model (``model_wrapped``) and the placements of the lora_A parameters;
+the final adapter goes to ``OUT/adapter`` through ``trainer.save_model``.
 
 The data are ``N_SEQ`` fixed random sequences of equal length (no padding), read in order
 (``train_sampling_strategy="sequential"``), so a global batch is the same examples at any world
@@ -68,21 +72,16 @@ def main(spec: dict) -> None:
     out = Path(spec["out"])
     stage = spec.get("stage")
     extra = {}
-    if stage is not None:
-        # On CPU, TrainingArguments(deepspeed=...) sets up no process group (it passes no
-        # backend, and accelerate knows none for CPUs): configure the state for DeepSpeed on gloo
-        # first and tell TrainingArguments to use it.
-        from accelerate import PartialState
-
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        PartialState(backend="gloo")
-        extra = {"deepspeed": ds_config(stage),
-                 "accelerator_config": {"use_configured_state": True}}
+    if stage is not None:  # a plain user script: riemann_zero.hf completes the CPU state
+        extra = {"deepspeed": ds_config(stage)}
+    if spec.get("fsdp"):  # FSDP2 through accelerate, on CPU processes as on GPUs
+        extra = {"fsdp": True, "fsdp_config": {"version": 2}}
     args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=spec["per_device"],
         max_steps=spec["steps"], learning_rate=LR, weight_decay=0.01, warmup_steps=1,
         max_grad_norm=1.0, logging_steps=1, report_to=[], disable_tqdm=True,
         train_sampling_strategy="sequential", use_cpu=stage is None,
+        gradient_accumulation_steps=spec.get("accum", 1),
         save_strategy="steps" if spec.get("save_steps") else "no",
         save_steps=spec.get("save_steps") or 500, seed=0,
         **extra)
@@ -99,12 +98,76 @@ def main(spec: dict) -> None:
     trainer.train(resume_from_checkpoint=spec.get("resume"))
     trainer.save_model(str(out / "adapter"))
     model = trainer.accelerator.unwrap_model(trainer.model)
+    placements = sorted({str(getattr(p, "placements", None)) for n, p in model.named_parameters()
+                         if "lora_A" in n})
     points = {k: v.double() for k, v in rz.manifold_points(model).items()}
     logs = [h for h in trainer.state.log_history if "loss" in h]
     if trainer.args.process_index == 0:
         torch.save({"points": points, "losses": [h["loss"] for h in logs],
-                    "steps": [h["step"] for h in logs], "logs": logs}, out / "result.pt")
+                    "steps": [h["step"] for h in logs], "logs": logs,
+                    "world": trainer.args.world_size, "lora_A": placements,
+                    "engine": type(trainer.model_wrapped).__name__}, out / "result.pt")
 
 
 if __name__ == "__main__":
     main(json.loads(Path(sys.argv[1]).read_text()))
+
+
+def stock_peft_logits(adapters: list, out: Path, env: dict) -> list[torch.Tensor]:
+    """Logits of the tiny Llama with each adapter folder of ``adapters`` (None: the bare base)
+    loaded by stock PEFT, in a fresh process that never imports riemann_zero (it asserts so)."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from peft import PeftModel
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from hf_worker import LLAMA, VOCAB, SEQ
+        ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+        out = []
+        for path in {[None if a is None else str(a) for a in adapters]!r}:
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(**LLAMA)).float()
+            if path:
+                model = PeftModel.from_pretrained(model, path)
+            with torch.no_grad():
+                out.append(model.eval()(input_ids=ids).logits)
+        assert "riemann_zero" not in sys.modules
+        torch.save(out, {str(out)!r})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env={**env, "PYTHONPATH": ""},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out)
+
+
+def launch(tmp: Path, name: str, world: int, env: dict, expect: int = 0,
+           accelerate: tuple[str, ...] = (), **spec) -> dict | None:
+    """Run this worker on ``spec`` in ``world`` processes (``torchrun`` when > 1, or ``accelerate
+    launch`` with the options ``accelerate``) with output folder ``tmp/name``; assert its exit
+    status; rank 0's ``result.pt`` (None if it has none)."""
+    import socket
+    import subprocess
+
+    out = tmp / name
+    path = tmp / f"{name}_{abs(hash(json.dumps(spec, sort_keys=True)))}.json"
+    path.write_text(json.dumps({"out": str(out), **spec}))
+    launcher = [sys.executable]
+    if world > 1:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        launcher += (["-m", "accelerate.commands.launch", "--num_processes", str(world),
+                      "--main_process_port", str(port), *accelerate] if accelerate else
+                     ["-m", "torch.distributed.run", f"--nproc-per-node={world}",
+                      f"--master-port={port}"])
+    proc = subprocess.run([*launcher, __file__, str(path)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    if world > 1 and expect:  # torchrun exits 1 and names each child's exit status
+        assert proc.returncode == 1 and f"exitcode  : {expect} " in proc.stderr, proc.stderr[-4000:]
+    else:
+        assert proc.returncode == expect, proc.stderr[-4000:]
+    result = out / "result.pt"
+    return torch.load(result) if result.exists() else None

@@ -1,52 +1,40 @@
 """riemann_zero.hf.Trainer under the Trainer's own DeepSpeed integration
 (``TrainingArguments(deepspeed=...)``), ZeRO-2 and ZeRO-3 on 2 gloo processes, equals the
-one-process Trainer run, with and without LOI; the adapter it saves reproduces those logits in
-stock PEFT in a process that never imports riemann_zero.
+one-process Trainer run, with and without LOI, and with gradient accumulation (ZeRO-2, 2
+micro-batches); the adapter it saves reproduces those logits in stock PEFT in a process that never
+imports riemann_zero; a ZeRO-2 run killed after a Trainer checkpoint resumes to the uninterrupted
+run's losses and points. The worker is a plain user script under ``torchrun --nproc-per-node 2``
+(no pre-configured accelerate state): each run asserts that the Trainer saw both processes.
 
 Tolerance: that of tests/distributed/test_engines.py (RTOL = 1e-5): ZeRO averages the two ranks'
 gradients (and LOI sums the two ranks' sketches) in another order than one process sums the
 global batch, which changes fp32 gradients by ~1e-7 relative; four smooth manifold steps keep that
 at a few 1e-7 (LOI: its randomized SVD of fp32 sketches, ~1e-6). A lost row, a doubled step or a
-rank training on the other's data moves X by ≥ 1e-2 relative.
+rank training on the other's data moves X by ≥ 1e-2 relative. Resume: the same operations on the
+same ranks from DeepSpeed's checkpoint (fp32 partitions and the manifold optimizer's state, read
+back bit-exactly): 1e-12.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import socket
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from hf_worker import launch, stock_peft_logits  # noqa: E402
+
 RTOL = 1e-5
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
            PYTHONWARNINGS="ignore", PYTHONPATH=str(HERE.parents[1]))
-pytestmark = pytest.mark.slow  # 6 Trainer runs, 4 of them 2-process (~2–3 min on 2 cores)
-
-
-def _port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+pytestmark = pytest.mark.slow  # 9 Trainer runs, 7 of them 2-process (~6–8 min on 2 cores)
 
 
 def _run(tmp: Path, name: str, world: int, **spec) -> dict:
-    out = tmp / name
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps({"out": str(out), "steps": 4, **spec}))
-    launch = [sys.executable] if world == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-        f"--master-port={_port()}"]
-    proc = subprocess.run([*launch, str(HERE / "hf_worker.py"), str(path)], env=ENV,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return torch.load(out / "result.pt")
+    return launch(tmp, name, world, ENV, steps=4, **spec)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +48,12 @@ def runs(tmp_path_factory):
         for stage in (2, 3):
             res[stage, loi] = _run(tmp, f"z{stage}_loi{int(loi)}", 2, per_device=2, loi=loi,
                                    stage=stage)
+    # 2 ranks × 2 accumulated micro-batches of 1 = the same 4 examples per optimizer step
+    res["accum"] = _run(tmp, "z2_accum", 2, per_device=1, accum=2, loi=False, stage=2)
+    # killed right after the step-2 checkpoint, then resumed from it (uninterrupted: z2_loi1)
+    cut = dict(per_device=2, loi=True, stage=2, save_steps=2)
+    assert launch(tmp, "z2_cut", 2, ENV, expect=9, steps=4, kill_at=2, **cut) is None
+    res["resumed"] = _run(tmp, "z2_cut", 2, resume=str(tmp / "z2_cut" / "checkpoint-2"), **cut)
     return tmp, res
 
 
@@ -73,6 +67,7 @@ def _rel(a: dict, b: dict) -> float:
 def test_zero_two_processes_equal_one(runs, stage, loi):
     _, res = runs
     ref, got = res["ref", loi], res[stage, loi]
+    assert got["world"] == 2 and got["engine"] == "DeepSpeedEngine"  # not one rank alone
     assert _rel(got["points"], ref["points"]) <= RTOL
     assert got["losses"] == pytest.approx(ref["losses"], rel=RTOL)
     assert all(h.get("comm/all_reduce.gram_m", 0) > 0 for h in got["logs"])  # bytes are logged
@@ -87,27 +82,24 @@ def test_zero_adapter_reproduces_logits_in_stock_peft(runs, stage, loi, tmp_path
     saved = tmp / f"z{stage}_loi{int(loi)}" / "adapter"
     tensors = load_file(str(saved / "adapter_model.safetensors"))
     assert tensors and all(t.numel() and t.abs().max() > 0 for t in tensors.values())
-    script = textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {str(HERE)!r})
-        from peft import PeftModel
-        from transformers import LlamaConfig, LlamaForCausalLM
-        from hf_worker import LLAMA, VOCAB, SEQ
-        ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
-        out = []
-        for path in ({str(saved)!r}, {str(tmp / f"ref_loi{int(loi)}" / "adapter")!r}, None):
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(LlamaConfig(**LLAMA)).float()
-            if path:
-                model = PeftModel.from_pretrained(model, path)
-            with torch.no_grad():
-                out.append(model.eval()(input_ids=ids).logits)
-        assert "riemann_zero" not in sys.modules
-        torch.save(out, {str(tmp_path / "logits.pt")!r})
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], env={**ENV, "PYTHONPATH": ""},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    dist, ref, base = torch.load(tmp_path / "logits.pt")
+    dist, ref, base = stock_peft_logits(
+        [saved, tmp / f"ref_loi{int(loi)}" / "adapter", None], tmp_path / "logits.pt", ENV)
     assert (ref - base).abs().max() > 1e-4  # the adapter changes the logits
     assert (dist - ref).abs().max() <= RTOL * ref.abs().max()
+
+
+def test_zero2_gradient_accumulation_equals_one_process(runs):
+    _, res = runs
+    ref, got = res["ref", False], res["accum"]
+    assert got["world"] == 2
+    assert _rel(got["points"], ref["points"]) <= RTOL
+    assert got["losses"] == pytest.approx(ref["losses"], rel=RTOL)
+
+
+def test_zero2_resume_after_kill_continues_exactly(runs):
+    tmp, res = runs
+    full, resumed = res[2, True], res["resumed"]
+    assert (tmp / "z2_cut" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert resumed["steps"] == full["steps"] == [1, 2, 3, 4]
+    assert resumed["losses"][2:] == pytest.approx(full["losses"][2:], rel=1e-12, abs=0)
+    assert _rel(resumed["points"], full["points"]) <= 1e-12

@@ -55,31 +55,35 @@ def _rel(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b)
 
 
-def _trainer(tmp: Path, steps: int, loi: bool):
+def _trainer(tmp: Path, steps: int, loi: bool, accum: int = 1, **extra):
     from transformers import TrainingArguments
 
     from riemann_zero.hf import Trainer
 
+    eval_dataset = extra.pop("eval_dataset", None)
     args = TrainingArguments(
-        output_dir=str(tmp), per_device_train_batch_size=4, max_steps=steps,
-        learning_rate=w.LR, weight_decay=0.01, warmup_steps=1, max_grad_norm=1.0,
-        logging_steps=1, report_to=[], disable_tqdm=True, train_sampling_strategy="sequential",
-        use_cpu=True, save_strategy="no", seed=0)
+        output_dir=str(tmp), per_device_train_batch_size=4 // accum, max_steps=steps,
+        gradient_accumulation_steps=accum, learning_rate=w.LR, weight_decay=0.01,
+        warmup_steps=1, max_grad_norm=1.0, logging_steps=1, report_to=[], disable_tqdm=True,
+        train_sampling_strategy="sequential", use_cpu=True, seed=0,
+        **{"save_strategy": "no", **extra})
     return Trainer(model=w.build_peft(), args=args, train_dataset=w.data(),
-                   rz_init="loi" if loi else "zero", rz_optimizer_kwargs={"momentum": 0.9},
-                   rz_init_kwargs={"batches": 2, "p": 4})
+                   eval_dataset=eval_dataset, rz_init="loi" if loi else "zero",
+                   rz_optimizer_kwargs={"momentum": 0.9}, rz_init_kwargs={"batches": 2, "p": 4})
 
 
-def test_trainer_equals_plain_loop(tmp_path):
-    """Six Trainer steps (lr, weight decay, linear schedule with warm-up, clipping all from
-    TrainingArguments) = six steps of rz.Riemannion in a plain loop on the same batches."""
+@pytest.mark.parametrize("accum", [1, 2])
+def test_trainer_equals_plain_loop(tmp_path, accum):
+    """Six Trainer steps (lr, weight decay, linear schedule with warm-up, clipping, gradient
+    accumulation all from TrainingArguments) = six steps of rz.Riemannion in a plain loop on the
+    same batches (accum = 2: two micro-batches of 2, each loss / 2, one step)."""
     from transformers import get_scheduler
 
     import riemann_zero as rz
     from riemann_zero.adapters.layout import init_points
 
     steps = 6
-    trainer = _trainer(tmp_path, steps, loi=False)
+    trainer = _trainer(tmp_path, steps, loi=False, accum=accum)
     trainer.train()
     got = _points(trainer.model)
 
@@ -89,9 +93,12 @@ def test_trainer_equals_plain_loop(tmp_path):
     sched = get_scheduler("linear", opt, num_warmup_steps=1, num_training_steps=steps)
     items = w.data()
     model.train()
+    micro = 4 // accum
     for s in range(steps):
-        ids = torch.stack([it["input_ids"] for it in items[4 * s: 4 * s + 4]])
-        model(input_ids=ids, labels=ids).loss.backward()
+        for j in range(accum):
+            first = 4 * s + micro * j
+            ids = torch.stack([it["input_ids"] for it in items[first: first + micro]])
+            (model(input_ids=ids, labels=ids).loss / accum).backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         sched.step()
@@ -107,10 +114,11 @@ def test_trainer_equals_plain_loop(tmp_path):
 
 def test_refusals_are_one_line_before_any_step(tmp_path):
     """optimizers=(...) with rz_optimizer, a DeepSpeed optimizer block, an unknown optimizer, lr
-    in rz_optimizer_kwargs: each refused at construction with one line naming the fix (run in a
-    fresh process: TrainingArguments(deepspeed=...) changes process-wide state)."""
+    in rz_optimizer_kwargs, a launcher's WORLD_SIZE=2 while the Trainer sees one process: each
+    refused at construction with one line naming the fix (run in a fresh process:
+    TrainingArguments(deepspeed=...) changes process-wide state)."""
     script = textwrap.dedent(f"""
-        import sys, torch
+        import os, sys, torch
         sys.path.insert(0, {str(HERE)!r})
         import hf_worker as w
         from transformers import TrainingArguments
@@ -127,8 +135,10 @@ def test_refusals_are_one_line_before_any_step(tmp_path):
             "name": (dict(args=args()), dict(rz_optimizer="adamw")),
             "lr": (dict(args=args()), dict(rz_optimizer_kwargs={{"lr": 1.0}})),
         }}
+        cases["world"] = (dict(args=args()), {{}})  # a launcher's 2 processes, 1 seen
         for name, (targs, extra) in cases.items():
             model = w.build_peft()
+            os.environ["WORLD_SIZE"] = "2" if name == "world" else "1"
             try:
                 Trainer(model=model, train_dataset=w.data(), **targs, **extra)
             except ValueError as err:
@@ -140,13 +150,14 @@ def test_refusals_are_one_line_before_any_step(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(ln.split("\t", 1) for ln in proc.stdout.splitlines() if "\t" in ln)
-    assert set(lines) == {"optimizers", "ds_optimizer", "name", "lr"}
+    assert set(lines) == {"optimizers", "ds_optimizer", "name", "lr", "world"}
     for msg in lines.values():
         assert "<NL>" not in msg and msg != "NOT REFUSED"
     assert "drop optimizers=" in lines["optimizers"]
     assert "remove the 'optimizer' block" in lines["ds_optimizer"]
     assert "riemannion" in lines["name"]
     assert "learning_rate" in lines["lr"]
+    assert "WORLD_SIZE=2" in lines["world"] and "use_cpu=True" in lines["world"]
 
 
 @pytest.mark.parametrize("loi", [False, True])
@@ -208,3 +219,33 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert b["losses"][3:] == pytest.approx(a["losses"][3:], rel=1e-12, abs=0)
     assert a["losses"][3:] != a["losses"][:3]
     assert _rel(b["points"], a["points"]) <= 1e-12
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
+    """load_best_model_at_end loads the best checkpoint's manifold state (with LOI's ΔW₀), not
+    its exported adapter (relative to the original base, in other factors): afterwards the points
+    are those the model had when that checkpoint was saved, and evaluating gives its eval loss.
+    ``greater_is_better=True`` on the eval loss makes the "best" checkpoint an early one, so
+    restoring it changes the model (the loss falls during training). Tolerances: the state is
+    read back bit-exactly (points 1e-12); the same fp32 forward on the same weights (loss 1e-6)."""
+    from transformers import TrainerCallback
+
+    saved = {}
+
+    class Points(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kw):
+            saved[state.global_step] = _points(model)
+
+    trainer = _trainer(tmp_path, 4, loi=True, eval_dataset=w.data()[:8], eval_strategy="steps",
+                       eval_steps=1, save_strategy="steps", save_steps=1,
+                       load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                       greater_is_better=True)
+    trainer.add_callback(Points())
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    best = max(range(len(evals)), key=evals.__getitem__) + 1  # its step
+    assert len(evals) == 4 and best < 4, evals
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+    assert _rel(_points(trainer.model), saved[best]) <= 1e-12
+    assert _rel(saved[4], saved[best]) > 1e-3  # restoring it changed the model
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(evals[best - 1], rel=1e-6)

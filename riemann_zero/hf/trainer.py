@@ -21,10 +21,15 @@ How it fits into the Trainer:
 - a stock PEFT LoRA model is converted to the manifold layout at construction; LOI runs at the
   start of ``train()``, before DeepSpeed/FSDP wrap the model, on each rank's own calibration
   batches with the sketches summed over the data-parallel ranks;
+- under FSDP2 the model is sharded (accelerate's own preparation, lora_A on ``Shard(1)``) before
+  the optimizer is built on its DTensor parameters; on CPU processes accelerate's state is
+  completed for DeepSpeed and FSDP, and a Trainer that sees fewer processes than the launcher
+  started is refused (:mod:`riemann_zero.hf.state`);
 - ``save_model()`` and every checkpoint write a stock PEFT adapter relative to the ORIGINAL base
   (:func:`riemann_zero.save_adapter`); a checkpoint also holds the manifold-layout adapter
   (``riemann_zero_state.safetensors``) from which ``train(resume_from_checkpoint=...)`` continues
-  (under DeepSpeed, DeepSpeed's own checkpoint in the same folder does);
+  (under DeepSpeed, DeepSpeed's own checkpoint in the same folder does; under FSDP, the manifold
+  optimizer's rows are saved per rank) and which ``load_best_model_at_end`` loads;
 - logged steps add the manifold health (``manifold/orth_err_U`` …) and the optimizer's bytes per
   collective of its last step (``comm/all_reduce.gram_m`` …) to ``Trainer.log()``, so they reach
   every ``report_to``.
@@ -44,6 +49,13 @@ import torch
 from riemann_zero.adapters.export import save_adapter
 from riemann_zero.adapters.layout import RANK_ATTR, convert, find_adapters, init_points, lora_layers
 from riemann_zero.adapters.loi import loi_init
+from riemann_zero.hf.state import (
+    check_world,
+    complete_deepspeed_state,
+    complete_fsdp_state,
+    is_fsdp2,
+    shard_fsdp2,
+)
 from riemann_zero.optim.base import manifold_health
 from riemann_zero.sharding.comm import sketch_reduce
 from riemann_zero.sharding.params import full_tensor, gathered
@@ -133,7 +145,10 @@ class _Riemann:
         targs = bound.get("args")
         check_options(rz_optimizer, rz_optimizer_kwargs, rz_init, rz_init_kwargs,
                       bound.get("optimizers"), _ds_config(getattr(targs, "deepspeed", None)))
+        if targs is not None:
+            complete_deepspeed_state(targs)  # CPU processes: the world DeepSpeed set up
         super().__init__(*args, **kwargs)
+        check_world(self.accelerator)
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         problem = _optimizer_block_error(getattr(plugin, "deepspeed_config", None))
         if problem:  # a DeepSpeed config from `accelerate launch --deepspeed_config_file`
@@ -156,10 +171,21 @@ class _Riemann:
         elif rz_init == "keep":
             self._rz_started = True
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        complete_fsdp_state(self)  # CPU processes: FSDP as asked, not DDP
+
     # ---------------------------------------------------------------------------- optimizer
     def create_optimizer(self, model=None):
-        """The registry's manifold optimizer on the model (DeepSpeed's integration calls this)."""
+        """The registry's manifold optimizer on the model (DeepSpeed's integration calls this).
+
+        Under FSDP2 the Trainer builds the optimizer before ``accelerator.prepare`` shards the
+        model, but the manifold optimizer resolves its row shards from the parameters it is given:
+        the model is sharded here first (accelerate's own FSDP2 preparation, lora_A on
+        ``Shard(1)``), so the optimizer sees the DTensor parameters the training will use."""
         if self.optimizer is None:
+            if is_fsdp2(self) and model is None:
+                self.model = self.model_wrapped = shard_fsdp2(self.accelerator, self.model)
             target = self.model if model is None else model
             row = registry.spec(self.rz_optimizer)
             a = self.args
@@ -258,9 +284,48 @@ class _Riemann:
         if missing:
             raise ValueError(f"{path} names tensors this model lacks ({missing[:3]}); build the "
                              f"same model (LoRA targets, rank, rz_init) to resume")
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         with torch.no_grad():
-            for name, value in state.items():
-                own[name].copy_(value.to(own[name].device))
+            for name, value in state.items():  # the same order on every rank (FSDP2: collective)
+                dest = own[name]
+                value = value.to(dest.device)
+                if isinstance(dest, DTensor):
+                    value = distribute_tensor(value, dest.device_mesh, dest.placements)
+                dest.copy_(value)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's manifold-layout adapter (and LOI's
+        ΔW₀), not its exported adapter, which is relative to the original base. DeepSpeed loads
+        its own checkpoint of the same folder, as in the parent."""
+        if self.is_deepspeed_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint, self.model_wrapped)
+
+    # Under FSDP the parent saves the optimizer through torch.distributed.checkpoint, which keeps
+    # only torch.optim's state/param_groups (dropping the per-adapter momentum) and, finding that
+    # state empty, runs a zero-lr step() that decays the momentum: the manifold optimizer's own
+    # state_dict (this rank's rows) is saved per rank instead, as in train/engines.py.
+    def _rz_optimizer_file(self, checkpoint: str) -> Path:
+        return Path(checkpoint) / f"rz_optimizer_rank{self.args.process_index}.pt"
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(self.rz_client_optimizer.state_dict(), self._rz_optimizer_file(output_dir))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / "scheduler.pt")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.is_fsdp_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        path = self._rz_optimizer_file(checkpoint)
+        if not path.exists():
+            raise ValueError(f"{checkpoint} has no {path.name}: resume with the same number of "
+                             f"FSDP processes that wrote it")
+        self.rz_client_optimizer.load_state_dict(torch.load(path, weights_only=False))
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt"))
 
 
 def __getattr__(name: str):
