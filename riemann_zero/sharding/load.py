@@ -3,8 +3,8 @@ checkpoint, straight into the engine's layout, so no rank ever holds the whole m
 
 - ZeRO-3 (``p.ds_id``): the rank's chunk covers elements [start, stop) of the row-major flattened
   tensor, i.e. rows [start // n, ⌈stop / n⌉) cut at both ends; only those rows are read. Weights
-  DeepSpeed keeps whole on every rank (``ds_persist``, below its persistence threshold) are read
-  whole: they are small by definition.
+  DeepSpeed already holds whole on every rank (``ds_persist``, below its persistence threshold)
+  are read whole: they are small by definition.
 - FSDP2 (a ``Shard(d)`` DTensor): the local slice along d.
 - Anything else: the whole tensor.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from riemann_zero.sharding.params import dtensor_rows, layout_of, zero3_chunk
+from riemann_zero.sharding.params import dtensor_rows, held_whole, layout_of, zero3_chunk
 
 __all__ = ["checkpoint_files", "CheckpointReader", "load_local_parts", "checkpoint_keys"]
 
@@ -111,9 +111,8 @@ def _full_shape(p: Tensor) -> tuple[int, ...]:
 def _read_into(p: Tensor, reader: CheckpointReader, key: str) -> None:
     kind = layout_of(p)
     if kind == "zero3":
-        if getattr(p, "ds_persist", False):  # kept whole on every rank: small
-            whole = reader.whole(key)
-            p.data.copy_(whole.to(p.dtype))
+        if held_whole(p):  # kept whole on every rank: small
+            p.data.copy_(reader.whole(key).to(p.dtype))
         start, stop = zero3_chunk(p)
         if stop <= start:
             return

@@ -1,7 +1,7 @@
 """How the driver creates and loads the base model.
 
 - ``"whole"``: transformers' ``from_pretrained`` on every rank, then the engine partitions it
-  (ZeRO-1/2, one process, ``model.partitioned_load: false``, and the starts that need whole base
+  (ZeRO-0/1/2, ``model.partitioned_load: false``, and the starts that need whole base
   weights: PiSSA, LoRA-GA, StelLA's preparation, PEFT's OFT/BOFT, full fine-tuning);
 - ``"zero3"``: the model is built inside DeepSpeed's ``zero.Init`` (each weight is partitioned as
   its module is created, never initialised) and each rank reads only its chunk of every tensor
@@ -31,9 +31,9 @@ from riemann_zero.train.recipe import Recipe
 __all__ = ["load_mode", "model_dtype", "create_base", "materialize"]
 
 
-def load_mode(recipe: Recipe, plan: Plan, world: int) -> str:
+def load_mode(recipe: Recipe, plan: Plan) -> str:
     """``"zero3"``, ``"fsdp2"`` or ``"whole"``: how this run creates its base model."""
-    if not recipe.model.partitioned_load or world == 1 and recipe.engine == "deepspeed":
+    if not recipe.model.partitioned_load:
         return "whole"
     if plan.trainable or recipe.adapter.type != "lora" or recipe.init.method in PEFT_INITS:
         return "whole"

@@ -203,7 +203,7 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     mine = first[: per_rank * world][rank::world]
     calibration = [_collate(train_items, idx, collator, device) for idx in mine]
     set_seed(recipe.seed)  # the same initial adapter on every rank
-    mode = load_mode(recipe, plan, world)
+    mode = load_mode(recipe, plan)
     how = {"whole": "whole on every rank", "zero3": "partitioned (ZeRO-3 zero.Init)",
            "fsdp2": "on the meta device, loaded after sharding"}[mode]
     with stage(f"loading {recipe.model.name_or_path} {how} with LoRA r={recipe.lora.r} and "
