@@ -77,7 +77,8 @@ def parameters(folder: Path) -> int:
     total = 0
     for path in folder.glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
+            names = fh.keys()
+            for key in names:
                 shape = fh.get_slice(key).get_shape()
                 n = 1
                 for d in shape:

@@ -1,22 +1,24 @@
 """Partitioned loading: each rank reads only its own part of every tensor of a safetensors
 checkpoint, straight into the engine's layout, so no rank ever holds the whole model.
 
-- ZeRO-3 (``p.ds_id``): the rank's chunk covers elements [start, stop) of the row-major flattened
-  tensor, i.e. rows [start // n, ⌈stop / n⌉) cut at both ends; only those rows are read. Weights
+- ZeRO-3 (``p.ds_id``): the rank's chunk is elements [start, stop) of the row-major flattened
+  tensor, one contiguous byte range of the file, read into ``ds_tensor`` in place. Weights
   DeepSpeed already holds whole on every rank (``ds_persist``, below its persistence threshold)
   are read whole: they are small by definition.
-- FSDP2 (a ``Shard(d)`` DTensor): the local slice along d.
+- FSDP2 (a ``Shard(0)`` DTensor): the local rows, again one contiguous byte range.
 - Anything else: the whole tensor.
 
-safetensors memory-maps the file and copies only the requested slice, so the pages a rank touches
-are its own part (plus the file header).
+The bytes are read with ordinary file reads, not a memory map: a mapped file's pages count in the
+process's resident memory for as long as it stays mapped, so reading a whole model through a map
+looks (and, until the kernel drops them, is) as large as the model. The safetensors format is a
+little-endian u64 header length, a JSON header {name: {dtype, shape, data_offsets}} and the raw
+row-major data.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -28,6 +30,17 @@ __all__ = ["checkpoint_files", "CheckpointReader", "load_local_parts", "checkpoi
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+           "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return {"data_start": 8 + size, "tensors": header}
 
 
 def checkpoint_files(folder: str | Path) -> dict[str, Path]:
@@ -37,10 +50,7 @@ def checkpoint_files(folder: str | Path) -> dict[str, Path]:
         weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
         return {key: folder / name for key, name in weight_map.items()}
     if (folder / SINGLE).is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(folder / SINGLE), framework="pt") as fh:
-            return dict.fromkeys(fh.keys(), folder / SINGLE)
+        return dict.fromkeys(_header(folder / SINGLE)["tensors"], folder / SINGLE)
     raise FileNotFoundError(
         f"partitioned loading reads safetensors, but {folder} has neither {SINGLE} nor {INDEX}; "
         f"convert the checkpoint with save_pretrained(..., safe_serialization=True) or set "
@@ -48,37 +58,41 @@ def checkpoint_files(folder: str | Path) -> dict[str, Path]:
 
 
 class CheckpointReader:
-    """Slices of the tensors of a safetensors checkpoint (files opened once, memory-mapped)."""
+    """Contiguous element ranges of the tensors of a safetensors checkpoint, by file reads."""
 
     def __init__(self, folder: str | Path) -> None:
         self.files = checkpoint_files(folder)
-        self._stack = ExitStack()
-        self._open: dict[Path, object] = {}
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.close()
-
-    def _handle(self, key: str):
-        from safetensors import safe_open
-
-        path = self.files[key]
-        if path not in self._open:
-            self._open[path] = self._stack.enter_context(safe_open(str(path), framework="pt"))
-        return self._open[path]
+        self._meta: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int]] = {}
+        for path in sorted(set(self.files.values())):
+            head = _header(path)
+            for key, info in head["tensors"].items():
+                if info["dtype"] not in _DTYPES:
+                    raise ValueError(f"{path}: tensor {key} has dtype {info['dtype']}, which "
+                                     f"partitioned loading does not read; set "
+                                     f"model.partitioned_load=false")
+                self._meta[key] = (path, _DTYPES[info["dtype"]], tuple(info["shape"]),
+                                   head["data_start"] + info["data_offsets"][0])
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle(key).get_slice(key).get_shape())
+        return self._meta[key][2]
 
-    def rows(self, key: str, start: int, stop: int, dim: int = 0) -> Tensor:
-        """Elements [start, stop) of the tensor along ``dim`` (0 or 1)."""
-        sl = self._handle(key).get_slice(key)
-        return sl[start:stop] if dim == 0 else sl[:, start:stop]
-
-    def whole(self, key: str) -> Tensor:
-        return self._handle(key).get_tensor(key)
+    def read(self, key: str, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """Elements [start, stop) of the row-major flattened tensor ``key``, in its stored dtype;
+        read straight into ``out`` (1-D, CPU, contiguous) when it has that dtype."""
+        path, dtype, _, begin = self._meta[key]
+        direct = (out is not None and out.dtype == dtype and out.device.type == "cpu"
+                  and out.is_contiguous() and out.numel() == stop - start)
+        buf = out if direct else torch.empty(stop - start, dtype=dtype)
+        view = memoryview(buf.view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+        with open(path, "rb", buffering=0) as fh:
+            fh.seek(begin + start * buf.element_size())
+            done = 0
+            while done < len(view):
+                got = fh.readinto(view[done:])
+                if not got:
+                    raise EOFError(f"{path} ends inside tensor {key}: the file is truncated")
+                done += got
+        return buf
 
 
 def checkpoint_keys(model: nn.Module, prefixes: dict[int, str] | None = None
@@ -107,32 +121,35 @@ def _full_shape(p: Tensor) -> tuple[int, ...]:
     return tuple(p.ds_shape) if layout_of(p) == "zero3" else tuple(p.shape)
 
 
+def _fill(reader: CheckpointReader, key: str, dst: Tensor, start: int) -> None:
+    """dst (contiguous) ← elements [start, start + dst.numel()) of tensor ``key``."""
+    flat = dst.view(-1)
+    buf = reader.read(key, start, start + flat.numel(), out=flat)
+    if buf is not flat:
+        flat.copy_(buf)
+
+
 @torch.no_grad()
 def _read_into(p: Tensor, reader: CheckpointReader, key: str) -> None:
     kind = layout_of(p)
     if kind == "zero3":
         if held_whole(p):  # kept whole on every rank: small
-            p.data.copy_(reader.whole(key).to(p.dtype))
+            _fill(reader, key, p.data, 0)
         start, stop = zero3_chunk(p)
-        if stop <= start:
-            return
-        shape = tuple(p.ds_shape)
-        n = 1 if len(shape) == 1 else int(torch.Size(shape[1:]).numel())
-        i0, i1 = start // n, -(-stop // n)
-        part = reader.rows(key, i0, i1).reshape(-1)[start - i0 * n: stop - i0 * n]
-        p.ds_tensor.data.view(-1)[: part.numel()].copy_(part.to(p.ds_tensor.dtype))
+        if stop > start:
+            _fill(reader, key, p.ds_tensor.data.view(-1)[: stop - start], start)
         return
     if kind == "fsdp2":
         local = p.to_local()
-        dim = p.placements[0].dim
-        if dim > 1:
-            raise ValueError(f"partitioned loading reads Shard(0) or Shard(1), but got "
-                             f"{p.placements} for {key}")
-        sl = dtensor_rows(p.shape[dim], p)
+        if tuple(pl.dim for pl in p.placements if hasattr(pl, "dim")) != (0,):
+            raise ValueError(f"partitioned loading reads Shard(0) weights, but {key} is laid "
+                             f"out as {p.placements}")
+        sl = dtensor_rows(p.shape[0], p)
+        row = int(torch.Size(p.shape[1:]).numel())
         if sl.stop > sl.start:
-            local.copy_(reader.rows(key, sl.start, sl.stop, dim).to(local.dtype))
+            _fill(reader, key, local, sl.start * row)
         return
-    p.data.copy_(reader.whole(key).to(p.dtype))
+    _fill(reader, key, p.data, 0)
 
 
 def load_local_parts(model: nn.Module, folder: str | Path,
@@ -151,17 +168,17 @@ def load_local_parts(model: nn.Module, folder: str | Path,
         ValueError: a stored shape differs from the model's.
     """
     count = 0
-    with CheckpointReader(folder) as reader:
-        for names, p in checkpoint_keys(model, prefixes):
-            key = next((k for k in names if k in reader.files), None)
-            if key is None:
-                raise KeyError(f"the checkpoint in {folder} has no tensor for parameter "
-                               f"{names[0]}; set model.partitioned_load=false to load it with "
-                               f"transformers instead")
-            stored, want = reader.shape(key), _full_shape(p)
-            if stored != want:
-                raise ValueError(f"{key}: the checkpoint holds shape {stored}, the model "
-                                 f"expects {want}")
-            _read_into(p, reader, key)
-            count += 1
+    reader = CheckpointReader(folder)
+    for names, p in checkpoint_keys(model, prefixes):
+        key = next((k for k in names if k in reader.files), None)
+        if key is None:
+            raise KeyError(f"the checkpoint in {folder} has no tensor for parameter "
+                           f"{names[0]}; set model.partitioned_load=false to load it with "
+                           f"transformers instead")
+        stored, want = reader.shape(key), _full_shape(p)
+        if stored != want:
+            raise ValueError(f"{key}: the checkpoint holds shape {stored}, the model "
+                             f"expects {want}")
+        _read_into(p, reader, key)
+        count += 1
     return count
