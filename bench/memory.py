@@ -10,7 +10,7 @@ rank's peak RSS (``VmHWM``): after loading (the "engine ready" line, run.json
 ``peak_rss_mib_loaded``) and after the 2 steps (metrics.jsonl). Next to it: base/world (the
 weights a rank must hold) and the peak of a process that only imports the libraries.
 
-    python bench/memory.py                      # 0.25 B (0.95 GB fp32), 12 runs, ~12 min on 2 cores
+    python bench/memory.py                      # 0.23 B (880 MiB fp32), 12 runs, ~12 min on 2 cores
     python bench/memory.py --size 1b --worlds 1 2 3   # needs ~24 GB free for the whole-model runs
 
 Writes ``bench/results/memory.json`` and ``memory.png`` and prints a Markdown table.
