@@ -1,4 +1,5 @@
-"""Atomic file and folder writes, JSON, and what a run record says about its software.
+"""Atomic file and folder writes, JSON, and what a run record says about its software (and the
+process's peak memory).
 
 Every file or folder this package leaves behind is written under a temporary name and renamed
 into place, so a crash or a kill leaves the previous version (or nothing), never half a file.
@@ -29,6 +30,7 @@ __all__ = [
     "fsync_dir",
     "versions",
     "git_commit",
+    "peak_rss_mib",
     "RUN_PACKAGES",
 ]
 
@@ -182,4 +184,18 @@ def git_commit(repo: str | os.PathLike) -> str | None:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                              text=True, timeout=10)
         return out.stdout.strip() or None
+    return None
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far, in MiB (``VmHWM`` of ``/proc/self/status``:
+    anonymous plus file-backed pages, e.g. a memory-mapped checkpoint); None where there is no
+    procfs (macOS, Windows)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        return None
     return None

@@ -9,10 +9,18 @@ The top-2r singular vectors come from a randomized SVD (oversampling p, q power 
 products G Ω and Gᵀ Y are accumulated by hooks during ordinary backward passes over fixed
 calibration batches: for a linear layer G = Σ_t dy_t x_tᵀ, so G Ω = Σ_t dy_t (x_tᵀ Ω) and
 Gᵀ Y = Σ_t x_t (dy_tᵀ Y). G itself (m×n) is never formed; 2(q + 1) passes in all.
+
+The passes need the layer inputs and output gradients only, never a parameter gradient: every
+parameter is frozen during them and the input embeddings' output made to require grad instead.
+So LOI runs as well on a model an engine already partitioned (ZeRO-3 gathers each layer's weights
+for forward and backward from its module hooks; FSDP2 unshards them), and no gradient reaches an
+engine's buffers (ZeRO-3 would reduce any it saw into its partitions, and the first real step
+would add it in).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 
@@ -32,6 +40,30 @@ def _default_loss(model: nn.Module, batch: dict) -> Tensor:
 
 def _is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+@contextlib.contextmanager
+def _no_parameter_grads(model: nn.Module):
+    """Freeze every parameter for the sketch passes; backward still reaches every layer because
+    the input embeddings' output requires grad (a model without ``get_input_embeddings`` keeps
+    its trainable parameters: the adapters then carry the gradient path)."""
+    try:
+        embed = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embed = None
+    if embed is None:
+        yield
+        return
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    handle = embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    try:
+        yield
+    finally:
+        handle.remove()
+        for p in trainable:
+            p.requires_grad_(True)
 
 
 class _Sketcher:
@@ -176,7 +208,7 @@ def loi_init(model: nn.Module, batches: Iterable, *, p: int = 16, q: int = 1,
     with torch.no_grad():  # X = B·A = 0 during the sketches: G is the gradient at the pretrained W
         for ad in adapters:  # (this rank's part only, under any engine layout)
             assign(ad.lora_A, torch.zeros(2 * ad.r, ad.n, device=ad.lora_A.device))
-    with torch.enable_grad():
+    with torch.enable_grad(), _no_parameter_grads(model):
         svd = sketch_gradients(model, batches, extra=p, power_steps=q, seed=seed, reduce=reduce,
                                loss_fn=loss_fn)
     model.train(was_training)

@@ -31,6 +31,7 @@ __all__ = [
     "refresh_master",
     "shift_base",
     "gathered",
+    "held_whole",
 ]
 
 
@@ -83,6 +84,13 @@ def zero3_chunk(p: Tensor) -> tuple[int, int]:
     return start, min(start + chunk, p.ds_numel)
 
 
+def held_whole(p: Tensor) -> bool:
+    """True for a small ZeRO-3 parameter DeepSpeed keeps whole on every rank (``ds_persist``,
+    below its persistence threshold) once it has gathered it, at the first forward; before that
+    (right after ``zero.Init`` or ``deepspeed.initialize``) only its chunk exists."""
+    return bool(getattr(p, "ds_persist", False)) and p.data.numel() == p.ds_numel
+
+
 def local_values(p: Tensor) -> Tensor:
     """The values of parameter p stored on this rank (its ZeRO-3 partition, its FSDP2 shard, or
     the whole tensor), without communication."""
@@ -122,8 +130,8 @@ def assign(p: Tensor, value: Tensor) -> None:
         start, _ = zero3_chunk(p)
         part = value.reshape(-1).to(p.ds_tensor.dtype)[start: start + p.ds_tensor.ds_numel]
         p.ds_tensor.data.view(-1)[: part.numel()].copy_(part)
-        if getattr(p, "ds_persist", False):  # small parameters stay whole on every rank
-            p.data.copy_(value.to(p.dtype))
+        if held_whole(p):  # small parameters stay whole on every rank
+            p.data.copy_(value.reshape(p.shape).to(p.dtype))
         master = _z3_master(p)
         if master is not None:
             master.view(-1)[: part.numel()].copy_(part)
@@ -151,7 +159,7 @@ def refresh_master(p: Tensor) -> None:
         if master is None:
             return
         part = p.ds_tensor.data.view(-1)[: master.numel()]
-        if getattr(p, "ds_persist", False):  # kept whole on every rank: the chunk may be stale
+        if held_whole(p):  # kept whole on every rank: the chunk may be stale
             start, _ = zero3_chunk(p)
             whole = p.data.view(-1)[start: start + part.numel()]
             part[: whole.numel()].copy_(whole)
@@ -170,7 +178,7 @@ def shift_base(weight: Tensor, b0: Tensor, a0: Tensor) -> None:
     """
     kind = layout_of(weight)
     if kind == "zero3":
-        if getattr(weight, "ds_persist", False):  # small weights stay whole on every rank
+        if held_whole(weight):  # small weights stay whole on every rank
             weight.data.copy_((weight.data.float() - b0.float() @ a0.float()).to(weight.dtype))
         flat = weight.ds_tensor.data.view(-1)
         n = a0.shape[1]

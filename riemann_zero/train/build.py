@@ -5,12 +5,17 @@ validated in preflight."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from riemann_zero.adapters.inits import PEFT_INITS, peft_init_model
-from riemann_zero.adapters.layout import get_peft_model
+from riemann_zero.adapters.layout import find_adapters, get_peft_model, init_points, lora_layers
 from riemann_zero.adapters.loi import loi_init
+from riemann_zero.sharding.params import assign
 from riemann_zero.train import registry
+from riemann_zero.train.loading import create_base, materialize, model_dtype
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe, orthogonal_config
 
@@ -39,15 +44,14 @@ def lr_lambda(recipe: Recipe, total_steps: int):
 def batch_order(n: int, *, seed: int, epoch: int, rank: int, world: int, micro: int) -> list:
     """Example indices of each micro-batch of one epoch on one rank. Deterministic, so the
     data-loader position saved in a checkpoint is just a count of micro-batches."""
-    import torch
-
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
     mine = perm[: (n // world) * world][rank::world].tolist()
     return [mine[i:i + micro] for i in range(0, len(mine) - micro + 1, micro)]
 
 
 def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any = "cpu",
-                reduce: Any = None, world: int = 1) -> Any:
+                reduce: Any = None, world: int = 1, mode: str = "whole"
+                ) -> tuple[Any, Callable[[], None] | None]:
     """Base model + LoRA (+ LOI) on ``device``.
 
     Args:
@@ -57,15 +61,14 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
         reduce: in-place sum over ranks of LOI's sketches and LoRA-GA's gradients (None for one
             process), so that every rank ends with the same initial point.
         world: number of ranks summed by ``reduce``.
+        mode: how the base is created (:func:`~riemann_zero.train.loading.load_mode`).
+    Returns:
+        the model and, for partitioned loading, what is left to do once the engine has laid it
+        out (``"fsdp2"``: storage, weights and the adapters' start; both: LOI), else None.
     """
-    import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM
 
-    bf16 = bool(recipe.deepspeed.get("bf16", {}).get("enabled", False))
-    dtype = {"auto": torch.bfloat16 if bf16 else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16}[recipe.model.dtype]
-    base = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=dtype).to(device)
+    base, prefixes = create_base(plan, mode, model_dtype(recipe), device)
     if recipe.model.gradient_checkpointing:
         base.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
@@ -79,23 +82,33 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
             # grad; with everything upstream of the first trained tensor frozen there are none,
             # and backward meets released (empty) weights. Make the embedding output require it.
             base.enable_input_require_grads()
-        return base
+        return base, None
     if recipe.adapter.type != "lora":  # PEFT's OFT/BOFT, trained by the AdamW row
         import peft
 
-        return _portable_base_name(peft.get_peft_model(base, orthogonal_config(recipe)), recipe)
+        return _portable_base_name(peft.get_peft_model(base, orthogonal_config(recipe)),
+                                   recipe), None
     lc = recipe.lora
     config = LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout,
                         target_modules=list(lc.target_modules), bias="none", task_type="CAUSAL_LM")
     row = registry.spec(recipe.optimizer.name)
     method = recipe.init.method
+    start = "random" if method == "random" else "zero"
     if row.layout == "manifold":
-        model = get_peft_model(base, config, init="random" if method == "random" else "zero",
-                               seed=recipe.seed)
-        if method == "loi":
-            loi_init(model, calibration, p=recipe.init.p, q=recipe.init.q,
-                     alpha=recipe.init.alpha, seed=recipe.seed, reduce=reduce)
-        return _portable_base_name(model, recipe)
+        model = get_peft_model(base, config, init=start, seed=recipe.seed)
+
+        def finish() -> None:
+            if mode == "fsdp2":
+                materialize(model, plan, prefixes, device)
+                init_points(find_adapters(model), start, seed=recipe.seed)
+            if method == "loi":  # on the partitioned model: layer inputs and output grads only
+                loi_init(model, calibration, p=recipe.init.p, q=recipe.init.q,
+                         alpha=recipe.init.alpha, seed=recipe.seed, reduce=reduce)
+
+        if mode == "whole":
+            finish()
+            return _portable_base_name(model, recipe), None
+        return _portable_base_name(model, recipe), finish
     if method in PEFT_INITS:
         model = peft_init_model(base, config, method, calibration=calibration,
                                 niter=recipe.init.niter, reduce=reduce, world=world)
@@ -105,7 +118,29 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
         model = peft.get_peft_model(base, config)
     if row.prepare is not None:  # e.g. StelLA's orthonormal U S Vᵀ
         row.prepare(model, seed=recipe.seed)
-    return _portable_base_name(model, recipe)
+    model = _portable_base_name(model, recipe)
+    if mode != "fsdp2":
+        return model, None
+
+    def finish_plain() -> None:
+        materialize(model, plan, prefixes, device)
+        _peft_default_start(model, seed=recipe.seed)
+
+    return model, finish_plain
+
+
+@torch.no_grad()
+def _peft_default_start(model: Any, seed: int) -> None:
+    """PEFT's default LoRA start (lora_A kaiming-uniform with a = √5, i.e. U(±1/√n); lora_B = 0),
+    drawn whole from ``seed`` in module order (the same on every rank) and written to this rank's
+    shards: the meta-device adapters of a partitioned FSDP2 load have no values yet."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, module in lora_layers(model):
+        for name in module.lora_A:
+            a, b = module.lora_A[name].weight, module.lora_B[name].weight
+            bound = 1.0 / math.sqrt(a.shape[1])
+            assign(a, (torch.rand(tuple(a.shape), generator=gen) * 2 - 1) * bound)
+            assign(b, torch.zeros(tuple(b.shape)))
 
 
 def _portable_base_name(model: Any, recipe: Recipe) -> Any:

@@ -26,6 +26,8 @@ MEANINGS: dict[str, str] = {
     "model.name_or_path": "hub id, local folder, asset:smollm2[:LAYERS] or asset:tiny_moe",
     "model.dtype": "auto (bfloat16 if deepspeed.bf16.enabled), float32 or bfloat16",
     "model.gradient_checkpointing": "recompute activations in backward to save memory",
+    "model.partitioned_load": "ZeRO-3/FSDP2: each rank reads only its part of the base "
+                              "(false: whole model on every rank first)",
     "model.trainable": "full fine-tuning: regexes over parameter names trained whole (no LoRA)",
     "lora.r": "adapter rank",
     "lora.lora_alpha": "PEFT's scaling numerator (scale = lora_alpha / r)",

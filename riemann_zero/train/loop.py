@@ -5,7 +5,8 @@ Every logged step writes one line to ``metrics.jsonl`` (rank 0): loss, lr, token
 and optimizer time, epoch; for optimizers whose registry row says so, the manifold health
 (``manifold/orth_err_U`` …, a collective, so computed on logged steps only); and for the manifold
 optimizers their own communication of that step, bytes by collective (``comm/all_reduce.gram_m``
-…, the keys of ``last_step_comm``).
+…, the keys of ``last_step_comm``), and every rank's peak resident memory so far
+(``peak_rss_mib``, one value per rank, also in run.json and in the "engine ready" line).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 from riemann_zero.adapters.export import save_adapter, save_peft_adapter
 from riemann_zero.data.examples import has_eval_split, load_examples
 from riemann_zero.data.tokens import Collator, tokenize
-from riemann_zero.io import write_json, write_text_atomically
+from riemann_zero.io import peak_rss_mib, write_json, write_text_atomically
 from riemann_zero.optim.base import manifold_health
 from riemann_zero.progress import say, stage
 from riemann_zero.sharding.params import full_tensor, gathered, local_values
@@ -36,6 +37,7 @@ from riemann_zero.train.build import (
     lr_lambda,
 )
 from riemann_zero.train.engines import DeepSpeedEngine, FSDP2Engine
+from riemann_zero.train.loading import load_mode
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe, RecipeError
 from riemann_zero.train.tracking import Trackers
@@ -77,6 +79,14 @@ def _eval_loss(eng, items, collator, recipe: Recipe, rank: int, world: int) -> f
     dist.all_reduce(total)
     eng.train(True)
     return float(total[0] / total[1]) if total[1] > 0 else None
+
+
+def _peak_rss(rank: int, world: int) -> list[float]:
+    """Every rank's peak resident memory so far, MiB (collective; 0 where not measurable)."""
+    rss = torch.zeros(world, dtype=torch.float64)
+    rss[rank] = peak_rss_mib() or 0.0
+    dist.all_reduce(rss)
+    return [round(float(v), 1) for v in rss]
 
 
 def _trainable(module) -> list[tuple[str, torch.Tensor]]:
@@ -193,11 +203,14 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     mine = first[: per_rank * world][rank::world]
     calibration = [_collate(train_items, idx, collator, device) for idx in mine]
     set_seed(recipe.seed)  # the same initial adapter on every rank
-    with stage(f"loading {recipe.model.name_or_path} with LoRA r={recipe.lora.r} and "
+    mode = load_mode(recipe, plan)
+    how = {"whole": "whole on every rank", "zero3": "partitioned (ZeRO-3 zero.Init)",
+           "fsdp2": "on the meta device, loaded after sharding"}[mode]
+    with stage(f"loading {recipe.model.name_or_path} {how} with LoRA r={recipe.lora.r} and "
                f"{recipe.init.method} init"):
-        model = build_model(recipe, plan, calibration, device,
-                            reduce=(lambda t: dist.all_reduce(t)) if world > 1 else None,
-                            world=world)
+        model, finish = build_model(recipe, plan, calibration, device,
+                                    reduce=(lambda t: dist.all_reduce(t)) if world > 1 else None,
+                                    world=world, mode=mode)
     set_seed(recipe.seed + 1 + rank)  # then independent dropout masks per rank
     row = registry.spec(recipe.optimizer.name)
     manifold = row.layout == "manifold"
@@ -208,7 +221,13 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         eng = FSDP2Engine(model, lambda m: build_optimizer(recipe, m), lr_fn, gas,
                           recipe.train.gradient_clipping, device, manifold=manifold)
 
-    say(f"{recipe.engine} engine ready ({time.perf_counter() - t0:.0f} s)")
+    if finish is not None:  # partitioned load: this rank's weights, then the adapters' start
+        with stage(f"reading this rank's part of the base and {recipe.init.method} init"
+                   if mode == "fsdp2" else f"{recipe.init.method} init on the partitioned model"):
+            finish()
+    rss_loaded = _peak_rss(rank, world)
+    say(f"{recipe.engine} engine ready ({time.perf_counter() - t0:.0f} s); peak RSS per rank "
+        f"{', '.join(f'{v:.0f}' for v in rss_loaded)} MiB")
     # Resume: the engine's state, then this rank's loop state and RNG streams.
     write_state, read_state = eng.io(exclude_frozen=True)
     start = 0
@@ -283,7 +302,10 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
                 optim_time = time.perf_counter() - t_opt
         # Divergence rides on the loss reduction: the count of non-finite trainable tensors.
         bad_params = _nonfinite(trainable)
-        reduced = torch.tensor([loss_sum / gas, tokens, len(bad_params)], dtype=torch.float64)
+        rss = [0.0] * world
+        rss[rank] = peak_rss_mib() or 0.0
+        reduced = torch.tensor([loss_sum / gas, tokens, len(bad_params), *rss],
+                               dtype=torch.float64)
         dist.all_reduce(reduced)
         step_time = time.perf_counter() - t0
         loss_val, tokens_all = float(reduced[0] / world), int(reduced[1])
@@ -308,7 +330,8 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         last_loss = loss_val
         record = {"step": step, "loss": loss_val, "lr": lr, "tokens": tokens_all,
                   "tokens_per_s": tokens_all / step_time, "step_time_s": step_time,
-                  "optim_time_s": optim_time, "epoch": (step * gas) / micro_per_epoch}
+                  "optim_time_s": optim_time, "epoch": (step * gas) / micro_per_epoch,
+                  "peak_rss_mib": [round(float(v), 1) for v in reduced[3:]]}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
         if what:
@@ -349,7 +372,8 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
         _save_adapter(eng, out / "adapter", manifold=manifold, rank=rank)
     dist.barrier()
     return {"steps": total, "first_loss": first_loss, "final_loss": last_loss,
-            "final_eval_loss": eval_loss, "tokens": tokens_seen,
+            "final_eval_loss": eval_loss, "tokens": tokens_seen, "load": mode,
+            "peak_rss_mib_loaded": rss_loaded, "peak_rss_mib": _peak_rss(rank, world),
             "adapter": str(out / ("trained" if plan.trainable else "adapter"))}
 
 

@@ -61,6 +61,9 @@ class ModelConfig:
     name_or_path: str = "asset:smollm2"
     dtype: str = "auto"  # auto: bfloat16 if deepspeed.bf16.enabled else float32
     gradient_checkpointing: bool = False
+    # Under ZeRO-3 and FSDP2 each rank creates and reads only its part of the base (zero.Init /
+    # meta device + its slices of the safetensors files); false: every rank loads it whole first.
+    partitioned_load: bool = True
     # Full fine-tuning instead of LoRA: regular expressions (re.search) over parameter names;
     # the matching parameters train whole, all others are frozen, the lora section is unused.
     trainable: list[str] = field(default_factory=list)

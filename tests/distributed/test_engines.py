@@ -91,14 +91,23 @@ W2_DEFAULT = [
 ]
 
 
+# Partitioned loading (the driver's model.partitioned_load): each rank reads only its part of the
+# saved base, then LOI runs on the partitioned model and 5 steps follow (gas 1).
+PARTITIONED = [
+    {"name": "zero3_pload_loi", "engine": "zero3", "loi": True, "partitioned": True},
+    {"name": "fsdp2_pload_loi", "engine": "fsdp2", "loi": True, "partitioned": True},
+]
+
+
 @pytest.fixture(scope="module")
 def world3(tmp_path_factory) -> Path:
-    return run_spec(tmp_path_factory.mktemp("w3"), _free_port(), 3, W3_DEFAULT + [SHIFT_CASE])
+    return run_spec(tmp_path_factory.mktemp("w3"), _free_port(), 3,
+                    W3_DEFAULT + [SHIFT_CASE] + PARTITIONED)
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory) -> Path:
-    return run_spec(tmp_path_factory.mktemp("w2"), _free_port(), 2, W2_DEFAULT,
+    return run_spec(tmp_path_factory.mktemp("w2"), _free_port(), 2, W2_DEFAULT + PARTITIONED,
                     save_reference=True)
 
 
@@ -120,6 +129,44 @@ def test_world3_equals_single_process(world3, name):
 @pytest.mark.parametrize("name", [c["name"] for c in W2_DEFAULT])
 def test_world2_loi_equals_single_process(world2, name):
     assert rel_err(world2, name, loi=True) <= RTOL
+
+
+@pytest.mark.parametrize("world", ["world2", "world3"])
+@pytest.mark.parametrize("name", [c["name"] for c in PARTITIONED])
+def test_partitioned_load_loi_equals_single_process(request, world, name):
+    """LOI run after partitioned loading (ZeRO-3 zero.Init / FSDP2 meta device, LOI through the
+    engine's gathers with no parameter gradient) gives the single-process LOI on the whole model,
+    the same loss at step 0, and the same points after 5 steps (so LOI left nothing in the
+    engine's gradient buffers: a stray gradient would move the first step by ~10 %). Tolerance:
+    RTOL as the other LOI cases; the step-0 loss differs only through ΔW₀ (|α| = 0.007 times
+    rotations that agree to ~1e-6), so 1e-6 relative."""
+    out = request.getfixturevalue(world)
+    assert rel_err(out, name, loi=True) <= RTOL
+    got = torch.load(out / f"{name}.pt")["loss_step0"]
+    want = torch.load(out / "reference.pt")["loi1"]["loss_step0"]
+    assert abs(got - want) <= 1e-6 * abs(want)
+
+
+@pytest.mark.parametrize("world", ["world2", "world3"])
+@pytest.mark.parametrize("name", [c["name"] for c in PARTITIONED])
+def test_partitioned_load_equals_whole_load(request, world, name):
+    """Every weight read slice by slice equals the whole model's exactly (a copy, no arithmetic),
+    and the loaded model's logits equal the whole model's (the same fp32 products on the same
+    values; 1e-6 of the largest logit for summation order inside the engines' matmuls)."""
+    res = torch.load(request.getfixturevalue(world) / f"{name}.pt")
+    assert res["weights_err"] == 0.0
+    want = res["whole_logits"]
+    assert (res["logits"] - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+def test_zero3_partitioned_load_holds_only_chunks(world3):
+    """Under zero.Init no base weight is ever whole on a rank: right after loading each holds
+    ceil(numel / 3) elements (uneven chunks at world 3) and no full tensor."""
+    chunks = torch.load(world3 / "zero3_pload_loi.pt")["chunks"]
+    assert chunks
+    for name, (held, whole_data, numel) in chunks.items():
+        assert held == -(-numel // 3), name
+        assert whole_data == 0, name
 
 
 def test_layouts_detected(world3):

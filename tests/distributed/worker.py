@@ -75,12 +75,15 @@ def reference(spec: dict) -> dict:
         model = build(spec["r"])
         if loi:
             rz.loi_init(model, [{"input_ids": b, "labels": b} for b in calibration(world)])
+        probe = calibration(world)[0]
+        with torch.no_grad():  # the loss at step 0 (after LOI)
+            loss = float(model(input_ids=probe, labels=probe).loss)
         opt = rz.Riemannion(model, **OPT)
         for batch in data(world, steps):
             model(input_ids=batch, labels=batch).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        out[f"loi{int(loi)}"] = {"points": points(model)}
+        out[f"loi{int(loi)}"] = {"points": points(model), "loss_step0": loss}
         if spec.get("save_reference"):
             rz.save_adapter(model, Path(spec["out"]) / f"reference_loi{int(loi)}_adapter")
     return out
@@ -137,6 +140,64 @@ def _zero3_shift(spec: dict, rank: int, out: Path, name: str) -> None:
     dist.barrier()
 
 
+def save_base(folder: Path) -> None:
+    """The worker model's base (the weights :func:`build` starts from) as a safetensors folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**LLAMA)).float().save_pretrained(folder)
+
+
+def _partitioned(engine: str, spec: dict, folder: Path):
+    """The worker model built as the driver's partitioned loading does (riemann_zero.train.
+    loading): ZeRO-3 under zero.Init, or FSDP2 on the meta device then sharded and read; each
+    rank reads only its part of ``folder``. Returns (model, engine, facts); facts compares every
+    base weight with the whole-model build and records how the weights are partitioned."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from peft import LoraConfig
+
+    import riemann_zero as rz
+    from riemann_zero.adapters.layout import init_points
+    from riemann_zero.sharding.params import full_tensor, gathered
+    from riemann_zero.train.loading import create_base, materialize
+
+    world = dist.get_world_size()
+    mode = "zero3" if engine == "zero3" else "fsdp2"
+    plan = SimpleNamespace(model_path=str(folder), deepspeed=_ds_config(3, 1))
+    base, prefixes = create_base(plan, mode, torch.float32, "cpu")
+    chunks = {n: (int(p.ds_tensor.numel()), int(p.data.numel()), int(p.ds_numel))
+              for n, p in base.named_parameters()} if mode == "zero3" else {}
+    model = rz.get_peft_model(base, LoraConfig(r=spec["r"], target_modules=TARGETS),
+                              init="random", init_scale=0.05)
+    if mode == "zero3":
+        import deepspeed
+
+        eng, opt, _, _ = deepspeed.initialize(model=model, optimizer=rz.Riemannion(model, **OPT),
+                                              config=_ds_config(3, 1))
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        place = rz.fsdp_placement(model)
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer, shard_placement_fn=place)
+        fully_shard(model, shard_placement_fn=place)
+        materialize(model, plan, prefixes, "cpu")
+        init_points(rz.find_adapters(model), "random", seed=0, init_scale=0.05)
+        eng = opt = rz.Riemannion(model, **OPT)
+    reference = build(spec["r"])
+    whole = dict(reference.named_parameters())
+    err = 0.0
+    for name, p in model.named_parameters():
+        with gathered([p]):
+            err = max(err, float((full_tensor(p).detach() - whole[name].detach()).abs().max()))
+    with torch.no_grad():
+        logits = reference(input_ids=calibration(world)[0]).logits
+    facts = {"weights_err": err, "chunks": chunks, "world": world, "whole_logits": logits}
+    return model, eng, opt, facts
+
+
 def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     import torch.distributed as dist
 
@@ -144,6 +205,9 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
 
     if case["engine"] == "zero3_shift":
         _zero3_shift(spec, rank, out, case["name"])
+        return
+    if case.get("partitioned"):
+        _run_partitioned(case, spec, rank, out)
         return
 
     world, steps, engine, gas = spec["world"], spec["steps"], case["engine"], case.get("gas", 1)
@@ -198,6 +262,38 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     dist.barrier()
 
 
+def _run_partitioned(case: dict, spec: dict, rank: int, out: Path) -> None:
+    """Partitioned loading, then LOI on the partitioned model (the driver's order: after the
+    engine laid the weights out), then the usual training steps (gas 1)."""
+    import torch.distributed as dist
+
+    world, engine = spec["world"], case["engine"]
+    model, eng, opt, facts = _partitioned(engine, spec, out / "base")
+    probe = calibration(world)[0]
+    with torch.no_grad():  # the loaded model's logits, before LOI: the whole model's
+        facts["logits"] = model(input_ids=probe).logits.detach().clone()
+    if case.get("loi", False):
+        _loi(model, world, rank)
+    with torch.no_grad():  # the loss at step 0, after LOI
+        facts["loss_step0"] = float(model(input_ids=probe, labels=probe).loss)
+    inner = opt.optimizer if hasattr(opt, "optimizer") else opt
+    comm = []
+    for batch in data(world, spec["steps"]):
+        mine = batch[rank * PER_RANK:(rank + 1) * PER_RANK]
+        if engine == "zero3":
+            eng.backward(eng(input_ids=mine, labels=mine).loss)
+            eng.step()
+        else:
+            model(input_ids=mine, labels=mine).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        comm.append(dict(inner.last_step_comm))
+    result = {"points": points(model), "comm": comm, **facts}
+    if rank == 0:
+        torch.save(result, out / f"{case['name']}.pt")
+    dist.barrier()
+
+
 def _rank_main(rank: int, spec: dict, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec["world"]),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -223,6 +319,8 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if "--reference" in argv:
         torch.save(reference(spec), out / "reference.pt")
+        if any(c.get("partitioned") for c in spec["cases"]):
+            save_base(out / "base")
         return
     import torch.multiprocessing as mp
 
