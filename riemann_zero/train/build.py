@@ -61,7 +61,8 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
         reduce: in-place sum over ranks of LOI's sketches and LoRA-GA's gradients (None for one
             process), so that every rank ends with the same initial point.
         world: number of ranks summed by ``reduce``.
-        mode: how the base is created (:func:`~riemann_zero.train.loading.load_mode`).
+        mode: how the base is created (``Plan.load_mode``, decided by
+            :func:`~riemann_zero.train.preflight.load_mode`).
     Returns:
         the model and, for partitioned loading, what is left to do once the engine has laid it
         out (``"fsdp2"``: storage, weights and the adapters' start; both: LOI), else None.

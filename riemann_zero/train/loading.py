@@ -1,4 +1,5 @@
-"""How the driver creates and loads the base model.
+"""How the driver creates and loads the base model (the mode is ``Plan.load_mode``, decided in
+preflight by :func:`~riemann_zero.train.preflight.load_mode`).
 
 - ``"whole"``: transformers' ``from_pretrained`` on every rank, then the engine partitions it
   (ZeRO-0/1/2, ``model.partitioned_load: false``, and the starts that need whole base
@@ -22,27 +23,11 @@ from typing import Any
 
 import torch
 
-from riemann_zero.adapters.inits import PEFT_INITS
 from riemann_zero.sharding.load import checkpoint_files, load_local_parts
-from riemann_zero.train import registry
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe
 
-__all__ = ["load_mode", "model_dtype", "create_base", "materialize"]
-
-
-def load_mode(recipe: Recipe, plan: Plan) -> str:
-    """``"zero3"``, ``"fsdp2"`` or ``"whole"``: how this run creates its base model."""
-    if not recipe.model.partitioned_load:
-        return "whole"
-    if plan.trainable or recipe.adapter.type != "lora" or recipe.init.method in PEFT_INITS:
-        return "whole"
-    if registry.spec(recipe.optimizer.name).prepare is not None:
-        return "whole"
-    if recipe.engine == "fsdp2":
-        return "fsdp2"
-    zero = recipe.deepspeed.get("zero_optimization", {}) or {}
-    return "zero3" if int(zero.get("stage", 0)) == 3 else "whole"
+__all__ = ["model_dtype", "create_base", "materialize"]
 
 
 def model_dtype(recipe: Recipe) -> torch.dtype:

@@ -37,7 +37,6 @@ from riemann_zero.train.build import (
     lr_lambda,
 )
 from riemann_zero.train.engines import DeepSpeedEngine, FSDP2Engine
-from riemann_zero.train.loading import load_mode
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe, RecipeError
 from riemann_zero.train.tracking import Trackers
@@ -203,7 +202,7 @@ def run_training(recipe: Recipe, plan: Plan, *, rank: int, world: int, on_cpu: b
     mine = first[: per_rank * world][rank::world]
     calibration = [_collate(train_items, idx, collator, device) for idx in mine]
     set_seed(recipe.seed)  # the same initial adapter on every rank
-    mode = load_mode(recipe, plan)
+    mode = plan.load_mode
     how = {"whole": "whole on every rank", "zero3": "partitioned (ZeRO-3 zero.Init)",
            "fsdp2": "on the meta device, loaded after sharding"}[mode]
     with stage(f"loading {recipe.model.name_or_path} {how} with LoRA r={recipe.lora.r} and "

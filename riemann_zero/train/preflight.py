@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from riemann_zero import assets
+from riemann_zero.adapters.inits import PEFT_INITS
 from riemann_zero.adapters.layout import rank_error
 from riemann_zero.adapters.loi import loi_rank_error
 from riemann_zero.data.examples import DATASETS, HUB_DATASETS, has_eval_split, load_examples
@@ -43,7 +44,7 @@ from riemann_zero.train.recipe import (
     recipe_to_dict,
 )
 
-__all__ = ["Plan", "preflight", "resolve_model_path", "deepspeed_config"]
+__all__ = ["Plan", "preflight", "load_mode", "resolve_model_path", "deepspeed_config"]
 
 _DS_OWNED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping")
@@ -65,6 +66,7 @@ class Plan:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # the engine's complete config
     notes: list[str] = field(default_factory=list)  # what rank 0 tells the user before training
     memory: MemoryEstimate | None = None  # the per-rank estimate (rank 0 prints its table)
+    load_mode: str = "whole"  # how the base is created: "whole", "zero3" or "fsdp2" (load_mode)
 
 
 def resolve_model_path(name: str) -> str:
@@ -340,15 +342,32 @@ def local_ranks(world_size: int) -> int:
     return int(local) if local else world_size
 
 
+def load_mode(rc: Recipe, trainable: dict[str, Any]) -> str:
+    """``"zero3"``, ``"fsdp2"`` or ``"whole"``: how this run creates its base model (see
+    :mod:`riemann_zero.train.loading`). Whole where the start needs the whole base weight (PiSSA,
+    LoRA-GA, a row's ``prepare`` such as StelLA's, PEFT's OFT/BOFT, full fine-tuning), with
+    ``model.partitioned_load: false`` and under ZeRO-0/1/2."""
+    if not rc.model.partitioned_load:
+        return "whole"
+    if trainable or rc.adapter.type != "lora" or rc.init.method in PEFT_INITS:
+        return "whole"
+    if registry.spec(rc.optimizer.name).prepare is not None:
+        return "whole"
+    if rc.engine == "fsdp2":
+        return "fsdp2"
+    zero = rc.deepspeed.get("zero_optimization", {}) or {}
+    return "zero3" if int(zero.get("stage", 0)) == 3 else "whole"
+
+
 def _check_memory(rc: Recipe, model_config: Any, shapes: dict[str, tuple[int, int]],
                   trainable: dict[str, tuple[int, ...]], world: int, local: int | None,
-                  on_gpu: bool | None) -> MemoryEstimate:
+                  on_gpu: bool | None, mode: str) -> MemoryEstimate:
     if on_gpu is None:
         import torch
 
         on_gpu = torch.cuda.is_available()
     est = estimate_memory(rc, model_config, world=world, on_gpu=on_gpu, shapes=shapes,
-                          trainable=trainable,
+                          trainable=trainable, partitioned=mode != "whole",
                           local_ranks=local if local is not None else local_ranks(world))
     if rc.memory.check:
         problem = memory_error(est, *memory_limits(rc, on_gpu), world=world)
@@ -438,9 +457,10 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
             f"{n} {tuple(s)}" for n, s in trainable.items()))
     else:
         _check_targets(rc, shapes, type(model_config).__name__)
-    memory = _check_memory(rc, model_config, shapes, trainable, world_size, local, on_gpu)
+    mode = load_mode(rc, trainable)
+    memory = _check_memory(rc, model_config, shapes, trainable, world_size, local, on_gpu, mode)
     resume_from, finished = _check_output_dir(rc, notes)
     return Plan(model_path=path, model_config=model_config, grad_accum=gas,
                 global_batch=mb * gas * world_size, resume_from=resume_from, finished=finished,
                 linear_shapes=shapes, deepspeed=ds_config, notes=notes, trainable=trainable,
-                memory=memory)
+                memory=memory, load_mode=mode)

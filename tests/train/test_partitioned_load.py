@@ -11,14 +11,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from riemann_zero.io import peak_rss_mib
 from riemann_zero.sharding.load import CheckpointReader, checkpoint_files, load_local_parts
-from riemann_zero.train.loading import load_mode
+from riemann_zero.train.preflight import load_mode
 from riemann_zero.train.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,8 +89,8 @@ def test_local_load_of_a_plain_module_and_one_line_errors(tiny_checkpoint, tmp_p
 ])
 def test_load_mode(overrides, mode):
     recipe = load_recipe(REPO / "recipes" / "smollm2_commonsense.yaml", overrides)
-    assert load_mode(recipe, SimpleNamespace(trainable=[])) == mode
-    assert load_mode(recipe, SimpleNamespace(trainable=["lm_head"])) == "whole"
+    assert load_mode(recipe, {}) == mode
+    assert load_mode(recipe, {"lm_head.weight": (8, 4)}) == "whole"
 
 
 def test_peak_rss_grows_with_touched_memory():
