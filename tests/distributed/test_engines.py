@@ -1,6 +1,7 @@
 """ZeRO-1/2/3 and FSDP2 runs of Riemannion (CPU, gloo, several processes) equal the
-single-process run, with and without gradient accumulation and LOI; a ZeRO-3 adapter loads in
-stock PEFT; the optimizer's bytes per step are what the shapes predict.
+single-process run, with and without gradient accumulation and LOI, also where ranks own no
+column of lora_A (n < world); a ZeRO-3 adapter loads in stock PEFT; every rank's optimizer bytes
+per step are what the shapes (and, under ZeRO-1/2, its fragments) predict.
 
 Tolerance: every case trains in fp32 for 5 steps. The engines average gradients in a different
 order than the single process sums them (all-reduce / reduce-scatter of per-rank means, micro-batch
@@ -66,18 +67,31 @@ def rel_err(out: Path, name: str, loi: bool) -> float:
     return max(float((got[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
 
 
-def _shapes() -> list[tuple[int, int, int]]:
+def _shapes(llama: dict | None = None, r: int = 2) -> list[tuple[int, int, int]]:
     """(m, n, r) of the worker model's adapters, in module order."""
-    cfg = worker.LLAMA
+    cfg = {**worker.LLAMA, **(llama or {})}
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    per_layer = [(h, h, 2), (kv, h, 2), (kv, h, 2), (h, inter, 2)]  # q, k, v, down
+    per_layer = [(h, h, r), (kv, h, r), (kv, h, r), (h, inter, r)]  # q, k, v, down
     return per_layer * cfg["num_hidden_layers"]
 
 
+def assert_bytes_as_predicted(res: dict, layout: str, world: int, shapes: list) -> None:
+    """Every rank's measured bytes by collective, at every step, equal the prediction for that
+    rank (integers: exact); ZeRO-1/2 from the rank's own fragments (DeepSpeed's flat layout)."""
+    assert len(res["comm_by_rank"]) == world
+    for rank, (comm, frags) in enumerate(zip(res["comm_by_rank"], res["fragments_by_rank"])):
+        predicted = dict(step_bytes(shapes, layout, world, rank,
+                                    frags if layout == "zero12" else None))
+        assert len(comm) == 5  # exactly one manifold step per optimizer step (gas = 4 too)
+        for step in comm:
+            assert step == predicted, (rank, step, predicted)
+
+
 # World 3: uneven splits everywhere, k/v lora_B (4 rows) leave FSDP2 rank 2 empty, ZeRO-3 cuts
-# their rows mid-row (boundary exchange), ZeRO-1/2 leave most adapters wholly on one rank, and
-# FSDP2 keeps down_proj's lora_A (n = 40, 3 ∤ 40) on Shard(0) (gathered n side).
+# their rows mid-row (boundary rows in the exchange), ZeRO-1/2 leave most adapters wholly on one
+# rank, and FSDP2 keeps down_proj's lora_A (n = 40, 3 ∤ 40) on Shard(0) (transposed by the
+# exchange).
 W3_DEFAULT = [
     {"name": "zero1", "engine": "zero1"},
     {"name": "zero2_gas4", "engine": "zero2", "gas": 4},
@@ -128,29 +142,52 @@ def test_layouts_detected(world3):
                        "zero3_gas4": "Zero3Shards", "fsdp2_gas4": "FsdpShards"}
 
 
-@pytest.mark.parametrize("name,layout", [("zero3_gas4", "zero3"), ("fsdp2_gas4", "fsdp2")])
+@pytest.mark.parametrize("name,layout", [("zero1", "zero12"), ("zero2_gas4", "zero12"),
+                                         ("zero3_gas4", "zero3"), ("fsdp2_gas4", "fsdp2")])
 def test_step_bytes_match_shape_prediction(world3, name, layout):
-    """Measured bytes by collective, every step, equal the count predicted from the shapes; the
-    prediction has no term in m·n (so no collective grows with a full matrix)."""
-    comm = torch.load(world3 / f"{name}.pt")["comm"]
-    predicted = dict(step_bytes(_shapes(), layout, world=3))
-    assert len(comm) == 5  # exactly one manifold step per optimizer step (gas = 4)
-    for step in comm:
-        assert step == predicted
+    """Measured bytes by collective, every step and every rank, equal the count predicted from
+    the shapes (and, for ZeRO-1/2, the rank's fragments); the prediction has no term in m·n, so
+    no collective grows with a full matrix, and the exchange's share falls with the world."""
+    res = torch.load(world3 / f"{name}.pt")
+    assert_bytes_as_predicted(res, layout, 3, _shapes())
+    if layout == "zero12":  # uneven flat cuts: some rank holds no element of some lora_A
+        assert any(fa[1] == 0 for frags in res["fragments_by_rank"] for fa, _ in frags)
+        return
+    predicted = step_bytes(_shapes(), layout, 3)
     bigger = [(m * 10, n * 10, r) for m, n, r in _shapes()]  # 100× m·n → at most 10× bytes
     assert sum(step_bytes(bigger, layout, 3).values()) <= 10 * sum(predicted.values())
+    if layout == "zero3":
+        exchange = [sum(step_bytes(bigger, layout, w, p)["all_to_all.exchange"]
+                        for p in range(w)) / w for w in (3, 12)]
+        assert exchange[1] < exchange[0] / 3  # mean bytes per rank ∝ 1 / world
 
 
-def test_zero12_bytes_match_shape_prediction(world3):
-    """ZeRO-1/2: Grams and the gathered n side exactly as predicted; boundary-row exchanges come
-    in whole per-adapter units (which adapters are cut depends on DeepSpeed's flat layout)."""
-    for name in ("zero1", "zero2_gas4"):
-        for step in torch.load(world3 / f"{name}.pt")["comm"]:
-            pred = step_bytes(_shapes(), "zero12", world=3)
-            assert step["all_reduce.gram_m"] == pred["all_reduce.gram_m"]
-            assert step["all_reduce.gather_n"] == pred["all_reduce.gather_n"]
-            unit = 3 * (1 + 4 * 2) * 4
-            assert step.get("all_reduce.boundary_rows", 0) % unit == 0
+# A 2-wide Llama (n = 2 < world 3, r = 1): rank 0 owns no column of lora_A (an empty row block
+# of Aᵀ: zero-row Grams); ZeRO-3 chunks of 2 leave rank 2 without any element of lora_A or
+# lora_B; FSDP2 keeps lora_A on Shard(0) (3 ∤ 2), its 2 rows on ranks 0 and 1.
+NARROW = dict(hidden_size=2, intermediate_size=2, num_attention_heads=1, num_key_value_heads=1,
+              head_dim=2)
+NARROW_CASES = [
+    {"name": "zero2", "engine": "zero2"},
+    {"name": "zero3_gas4", "engine": "zero3", "gas": 4},
+    {"name": "fsdp2", "engine": "fsdp2"},
+]
+NARROW_LAYOUT = {"zero2": "zero12", "zero3_gas4": "zero3", "fsdp2": "fsdp2"}
+
+
+@pytest.fixture(scope="module")
+def narrow3(tmp_path_factory) -> Path:
+    return run_spec(tmp_path_factory.mktemp("n3"), _free_port(), 3, NARROW_CASES, r=1,
+                    llama=NARROW)
+
+
+@pytest.mark.parametrize("name", [c["name"] for c in NARROW_CASES])
+def test_rank_without_columns_equals_single_process(narrow3, name):
+    """Regression for ranks that own no column of lora_A (n < world) or hold an empty fragment:
+    training equals the single process and every rank's bytes equal the prediction."""
+    assert rel_err(narrow3, name, loi=False) <= RTOL
+    res = torch.load(narrow3 / f"{name}.pt")
+    assert_bytes_as_predicted(res, NARROW_LAYOUT[name], 3, _shapes(NARROW, r=1))
 
 
 def test_zero3_adapter_loads_in_stock_peft(world2, tmp_path):

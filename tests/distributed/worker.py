@@ -3,9 +3,11 @@
 ``python tests/distributed/worker.py SPEC.json`` spawns ``world`` ranks; each rank runs every case
 of the spec in turn (engine in zero1/zero2/zero3/fsdp2, gradient accumulation, LOI) on the same
 tiny random Llama and the same data, and rank 0 writes ``OUT/<case>.pt`` with the final points X
-(m×n, built from the gathered factors), the optimizer's bytes by collective at every step and,
-if asked, a saved adapter. ``python tests/distributed/worker.py SPEC.json --reference`` runs the
-single-process Riemannion on the whole global batch instead (no engine), for comparison.
+(m×n, built from the gathered factors), every rank's optimizer bytes by collective at every step
+(and, under ZeRO, every rank's fragments of each adapter) and, if asked, a saved adapter.
+``python tests/distributed/worker.py SPEC.json --reference`` runs the single-process Riemannion on
+the whole global batch instead (no engine), for comparison. ``spec["llama"]`` overrides entries of
+the model config (e.g. a 2-wide Llama, so that n < world).
 
 Data layout: step s uses the global batch ``DATA[s]`` of ``world × MICRO × gas`` sequences,
 ordered [rank][micro-batch][sample]; every sequence has the same length, so the mean of the
@@ -34,16 +36,16 @@ LLAMA = dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_
 OPT = dict(lr=0.02, momentum=0.9, weight_decay=0.01)
 
 
-def build(r: int):
+def build(r: int, llama: dict | None = None):
     """The tiny Llama with manifold adapters (k_proj/v_proj have m = 4 rows: empty FSDP2 shards
-    at world 3), identical on every rank."""
+    at world 3), identical on every rank; ``llama`` overrides config entries."""
     from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import riemann_zero as rz
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**LLAMA)).float()
+    base = LlamaForCausalLM(LlamaConfig(**{**LLAMA, **(llama or {})})).float()
     return rz.get_peft_model(base, LoraConfig(r=r, target_modules=TARGETS), init="random",
                              init_scale=0.05)
 
@@ -72,7 +74,7 @@ def reference(spec: dict) -> dict:
     world, steps = spec["world"], spec["steps"]
     out = {}
     for loi in sorted({bool(c.get("loi", False)) for c in spec["cases"]}):
-        model = build(spec["r"])
+        model = build(spec["r"], spec.get("llama"))
         if loi:
             rz.loi_init(model, [{"input_ids": b, "labels": b} for b in calibration(world)])
         opt = rz.Riemannion(model, **OPT)
@@ -116,7 +118,7 @@ def _zero3_shift(spec: dict, rank: int, out: Path, name: str) -> None:
     import riemann_zero as rz
     from riemann_zero.sharding.params import shift_base
 
-    model = build(spec["r"])
+    model = build(spec["r"], spec.get("llama"))
     gen = torch.Generator().manual_seed(3)
     want, factors = {}, {}
     for ad in rz.find_adapters(model):
@@ -149,7 +151,7 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     world, steps, engine, gas = spec["world"], spec["steps"], case["engine"], case.get("gas", 1)
     loi = bool(case.get("loi", False))
     micro = PER_RANK // gas
-    model = build(spec["r"])
+    model = build(spec["r"], spec.get("llama"))
     # LOI before deepspeed.initialize (LOI's own backward passes would run through ZeRO's
     # gradient hooks); under FSDP2 it runs on the sharded model (partitioned base shift).
     if loi and engine.startswith("zero"):
@@ -190,7 +192,16 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
             opt.zero_grad(set_to_none=True)
         comm.append(dict(inner.last_step_comm))
     target = eng.module if engine.startswith("zero") else model
-    result = {"points": points(target), "comm": comm, "layout": type(inner.shards).__name__}
+    # Every rank's bytes (they differ: the exchange moves each rank's own fragments) and, under
+    # ZeRO, its fragments of every adapter (what the byte model needs for ZeRO-1/2).
+    shards = inner.shards
+    mine = {"comm": comm, "fragments": [shards.fragments(ad) for ad in inner.adapters.values()]
+            if hasattr(shards, "fragments") else None}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    result = {"points": points(target), "comm": comm, "layout": type(shards).__name__,
+              "comm_by_rank": [e["comm"] for e in everyone],
+              "fragments_by_rank": [e["fragments"] for e in everyone]}
     if case.get("save"):
         rz.save_adapter(target, out / f"{case['name']}_adapter")
     if rank == 0:
