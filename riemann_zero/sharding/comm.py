@@ -11,6 +11,7 @@ driver logs it.
 
 from __future__ import annotations
 
+import abc
 from collections import Counter
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ __all__ = ["Counting", "CountingAllReduce", "CountingReduce", "CountingBroadcast
            "CountingAllToAll", "CountingAllGather", "sketch_reduce"]
 
 
-class Counting:
+class Counting(abc.ABC):
     """Runs one collective over ``group``, adding the payload bytes of ``t`` to ``comm[key]``.
 
     Subclasses only say which collective (:meth:`run`); ``__call__(t, *args)`` passes ``args`` on.
@@ -36,8 +37,9 @@ class Counting:
         self.comm[self.key] += t.numel() * t.element_size()
         return self.run(t, *args)
 
-    def run(self, t: Tensor, *args) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def run(self, t: Tensor, *args) -> Tensor:
+        """The collective itself, on the contiguous ``t``."""
 
 
 class CountingAllReduce(Counting):

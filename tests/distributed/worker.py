@@ -6,8 +6,8 @@ tiny random Llama and the same data, and rank 0 writes ``OUT/<case>.pt`` with th
 (m×n, built from the gathered factors), every rank's optimizer bytes by collective at every step
 (and, under ZeRO, every rank's fragments of each adapter) and, if asked, a saved adapter.
 ``python tests/distributed/worker.py SPEC.json --reference`` runs the single-process Riemannion on
-the whole global batch instead (no engine), for comparison. ``spec["llama"]`` overrides entries of
-the model config (e.g. a 2-wide Llama, so that n < world).
+the whole global batch instead (no engine), for comparison. A case with ``"model": "narrow"``
+trains :data:`NARROW` instead (a 2-wide Llama, r = 1: n < world).
 
 Data layout: step s uses the global batch ``DATA[s]`` of ``world × MICRO × gas`` sequences,
 ordered [rank][micro-batch][sample]; every sequence has the same length, so the mean of the
@@ -34,6 +34,22 @@ LLAMA = dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_
              num_attention_heads=6, num_key_value_heads=1, head_dim=4, max_position_embeddings=32,
              tie_word_embeddings=False)
 OPT = dict(lr=0.02, momentum=0.9, weight_decay=0.01)
+# n = 2 < world 3, r = 1: at world 3 rank 0 owns no column of lora_A (an empty row block of Aᵀ),
+# ZeRO-3 chunks of 2 leave rank 2 without any element of lora_A or lora_B, FSDP2 keeps lora_A on
+# Shard(0) (3 ∤ 2) with its 2 rows on ranks 0 and 1.
+NARROW = dict(hidden_size=2, intermediate_size=2, num_attention_heads=1, num_key_value_heads=1,
+              head_dim=2)
+
+
+def model_of(case: dict, spec: dict) -> tuple[int, dict]:
+    """(r, config overrides) of the case's model: the spec's r and LLAMA, or NARROW with r = 1."""
+    return (1, NARROW) if case.get("model") == "narrow" else (spec["r"], {})
+
+
+def ref_key(case: dict) -> str:
+    """Key of the reference run a case compares with (same model, same LOI)."""
+    tag = "narrow_" if case.get("model") == "narrow" else ""
+    return f"{tag}loi{int(bool(case.get('loi', False)))}"
 
 
 def build(r: int, llama: dict | None = None):
@@ -73,8 +89,9 @@ def reference(spec: dict) -> dict:
     torch.set_num_threads(1)
     world, steps = spec["world"], spec["steps"]
     out = {}
-    for loi in sorted({bool(c.get("loi", False)) for c in spec["cases"]}):
-        model = build(spec["r"], spec.get("llama"))
+    for key, case in {ref_key(c): c for c in spec["cases"]}.items():
+        loi = bool(case.get("loi", False))
+        model = build(*model_of(case, spec))
         if loi:
             rz.loi_init(model, [{"input_ids": b, "labels": b} for b in calibration(world)])
         opt = rz.Riemannion(model, **OPT)
@@ -82,9 +99,9 @@ def reference(spec: dict) -> dict:
             model(input_ids=batch, labels=batch).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        out[f"loi{int(loi)}"] = {"points": points(model)}
+        out[key] = {"points": points(model)}
         if spec.get("save_reference"):
-            rz.save_adapter(model, Path(spec["out"]) / f"reference_loi{int(loi)}_adapter")
+            rz.save_adapter(model, Path(spec["out"]) / f"reference_{key}_adapter")
     return out
 
 
@@ -118,7 +135,7 @@ def _zero3_shift(spec: dict, rank: int, out: Path, name: str) -> None:
     import riemann_zero as rz
     from riemann_zero.sharding.params import shift_base
 
-    model = build(spec["r"], spec.get("llama"))
+    model = build(spec["r"])
     gen = torch.Generator().manual_seed(3)
     want, factors = {}, {}
     for ad in rz.find_adapters(model):
@@ -151,7 +168,7 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     world, steps, engine, gas = spec["world"], spec["steps"], case["engine"], case.get("gas", 1)
     loi = bool(case.get("loi", False))
     micro = PER_RANK // gas
-    model = build(spec["r"], spec.get("llama"))
+    model = build(*model_of(case, spec))
     # LOI before deepspeed.initialize (LOI's own backward passes would run through ZeRO's
     # gradient hooks); under FSDP2 it runs on the sharded model (partitioned base shift).
     if loi and engine.startswith("zero"):
