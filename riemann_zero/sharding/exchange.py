@@ -113,11 +113,6 @@ class Plan:
                                                  [rt.recv_from for rt in routes])
         self.dst_sizes = list(dst_sizes)
 
-    @property
-    def send_numel(self) -> int:
-        """Elements this rank sends (its all-to-all payload)."""
-        return int(self.send_idx.numel())
-
     def run(self, srcs: list[Tensor], all_to_all: AllToAll) -> list[Tensor]:
         """Send from the concatenated ``srcs``; return the target buffers (zeros where nothing
         arrived)."""

@@ -9,7 +9,8 @@ The manifold optimizers see an adapter only through a *shards* object:
   (``None`` = this rank holds all rows: :class:`LocalShards`). Under every engine both are set
   and sum over the same ranks, so one reduction of stacked m- and n-side blocks serves both;
 - ``comm``: bytes handed to each collective since the last ``comm.clear()``, keyed
-  ``"<collective>.<purpose>"`` (payload size: what one rank passes to the call).
+  ``"<collective>.<purpose>"`` (payload size: what one rank passes to the call; for an
+  all-to-all, its send buffer).
 
 Layouts (picked by :func:`resolve_shards` from what the model parameters look like at the first
 step, once an engine has laid them out):
@@ -19,8 +20,8 @@ step, once an engine has laid them out):
   ``Shard(1)``) are this rank's local tensors, Grams all-reduced; lora_A on ``Shard(0)`` (rows
   of lora_A, where the world does not divide n) is transposed into row blocks of Aᵀ by the
   exchange of :mod:`riemann_zero.sharding.exchange`;
-- DeepSpeed ZeRO-1/2 (``_hp_mapping``) and ZeRO-3 (``ds_id``): flat fragments, see
-  :mod:`riemann_zero.sharding.zero`.
+- DeepSpeed ZeRO-1/2 (``_hp_mapping``) and ZeRO-3 (``ds_id``): flat fragments, turned into row
+  blocks of B and Aᵀ by the same exchange, see :mod:`riemann_zero.sharding.zero`.
 
 Adapters are seen only through :class:`~riemann_zero.sharding.params.AdapterLike` (name, r, m,
 n, lora_A, lora_B): this layer knows no PEFT.
