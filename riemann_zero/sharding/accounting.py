@@ -27,25 +27,15 @@ from __future__ import annotations
 
 from collections import Counter
 
-from riemann_zero.sharding.exchange import exchange_counts
+from riemann_zero.sharding.exchange import chunk, exchange_counts
 
-__all__ = ["GRAM_M", "GRAM_N", "step_bytes", "chunk", "zero12_fragments", "engine_grad_bytes",
+__all__ = ["GRAM_M", "GRAM_N", "step_bytes", "zero12_fragments", "engine_grad_bytes",
            "gather_factor_bytes", "tensorion_step_bytes"]
 
 FP64, FP32 = 8, 4
 GRAM_M, GRAM_N = 5, 6  # r×r blocks all-reduced per adapter and step (see the module docstring)
 
 Frag = tuple[int, int]  # (start, numel) of a row-major flattened parameter on one rank
-
-
-def chunk(numel: int, world: int, rank: int, unit: int = 1) -> Frag:
-    """(start, numel) of ``rank``'s ceil-sized piece of ``numel`` elements cut in units of
-    ``unit`` (ZeRO-3: unit 1; FSDP2 ``Shard(0)`` of a (rows × unit) matrix: unit = row length)."""
-    units = numel // unit
-    size = -(-units // world)
-    lo, hi = min(rank * size, units), min((rank + 1) * size, units)
-    return lo * unit, (hi - lo) * unit
-
 
 def zero12_fragments(shapes: list[tuple[int, int, int]], world: int, rank: int
                      ) -> list[tuple[Frag, Frag]]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FragmentExchange", "Route", "Plan", "column_bounds", "owned_rows", "holders",
+__all__ = ["FragmentExchange", "Route", "Plan", "column_bounds", "chunk", "owned_rows", "holders",
            "check_tiling", "lora_a_routes", "boundary_route", "exchange_counts"]
 
 AllToAll = Callable[[Tensor, list[int], list[int]], Tensor]
@@ -39,6 +39,15 @@ def column_bounds(n: int, world: int) -> list[int]:
     """c_0 … c_world: rank j owns columns [c_j, c_{j+1}) of lora_A (rows of Aᵀ), c_j = ⌊j·n/world⌋:
     block sizes differ by at most one, and a rank owns none only when n < world."""
     return [j * n // world for j in range(world + 1)]
+
+
+def chunk(numel: int, world: int, rank: int, unit: int = 1) -> tuple[int, int]:
+    """(start, numel) of ``rank``'s ceil-sized piece of ``numel`` elements cut in units of
+    ``unit`` (ZeRO-3: unit 1; FSDP2 ``Shard(0)`` of a (rows × unit) matrix: unit = row length)."""
+    units = numel // unit
+    size = -(-units // world)
+    lo, hi = min(rank * size, units), min((rank + 1) * size, units)
+    return lo * unit, (hi - lo) * unit
 
 
 def owned_rows(start: int, numel: int, cols: int) -> tuple[int, int, int]:

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from riemann_zero.sharding.comm import CountingAllReduce, CountingAllToAll
-from riemann_zero.sharding.exchange import FragmentExchange
+from riemann_zero.sharding.exchange import FragmentExchange, chunk
 from riemann_zero.sharding.params import AdapterLike, is_dtensor, layout_of
 from riemann_zero.sharding.zero import Zero3Shards, ZeroFlatShards
 
@@ -119,10 +119,8 @@ class FsdpShards:
                     "and lora_A on Shard(1) or Shard(0) (a 1-D mesh). Fix: fully_shard(module, "
                     "shard_placement_fn=riemann_zero.fsdp_placement(model))")
             if tuple(a.placements) == (Shard(0),):
-                size = -(-2 * ad.r // self.world)  # torch.chunk rows of lora_A per rank
-                rows = [(min(p * size, 2 * ad.r), min((p + 1) * size, 2 * ad.r))
-                        for p in range(self.world)]
-                frags = torch.tensor([(lo * ad.n, (hi - lo) * ad.n) for lo, hi in rows])
+                frags = torch.tensor([chunk(2 * ad.r * ad.n, self.world, p, unit=ad.n)
+                                      for p in range(self.world)])  # torch.chunk of the rows
                 self._exchange[ad.name] = FragmentExchange(ad.r, ad.m, ad.n, frags, None,
                                                            self.rank, a.to_local().device)
         self.reduce_m = CountingAllReduce(self.comm, "all_reduce.gram_m", self.group)
