@@ -1,70 +1,96 @@
 """Bytes one Riemannion step hands to each collective, predicted from the adapter shapes alone.
 
-The same keys as ``Riemannion.last_step_comm`` (payload bytes per call, summed over the step).
-Counts follow the step in :mod:`riemann_zero.manifold.span` / :mod:`riemann_zero.optim.riemannion`
-(:data:`GRAM_M`, :data:`GRAM_N`, in units of r² fp64 numbers per adapter):
+The same keys as ``Riemannion.last_step_comm`` (payload bytes per call, summed over the step, on
+one rank: for an all-to-all, that rank's send buffer). Counts follow the step in
+:mod:`riemann_zero.manifold.span` / :mod:`riemann_zero.optim.riemannion` (:data:`GRAM_M`,
+:data:`GRAM_N`, in units of r² fp64 numbers per adapter) and the exchange of
+:mod:`riemann_zero.sharding.exchange`:
 
 - m side: the drift check UᵀU (r × r) and two CholeskyQR2 passes of [U | M_U] against U
   (2 · 2r × r): 5 r²;
-- n side: VᵀV, two passes of [V | M_K] and S = VᵀK: 6 r² (only where the n side is row-sharded:
-  FSDP2 with lora_A on ``Shard(1)``);
-- flat ZeRO layouts and FSDP2 ``Shard(0)`` lora_A: Aᵀ gathered, (2r × n) values + (r × n) K-block
-  gradient, fp32;
-- flat ZeRO layouts with rows cut mid-row: world × (1 + 4r) then world × 2r, fp32.
+- n side: VᵀV, two passes of [V | M_K] and S = VᵀK: 6 r² (every engine: the n side is always
+  row-sharded, natively under FSDP2 with lora_A on ``Shard(1)``, by the exchange otherwise);
+- ZeRO-1/2/3 and FSDP2 with lora_A on ``Shard(0)``: the exchange of flat fragments into row
+  blocks, fp32 (:func:`~riemann_zero.sharding.exchange.exchange_counts`): out, this rank's
+  lora_A fragment, its K-block part again (gradients) and twice its leading partial lora_B row;
+  back, its Aᵀ row block (2r·n_j, n_j ≈ n/world) and the part of its last lora_B row that later
+  ranks hold. It depends on the rank's fragments: computed for ZeRO-3 (ceil(numel/world) chunks)
+  and FSDP2 (torch.chunk rows); passed in for ZeRO-1/2 (DeepSpeed's flat layout decides them).
 
-No term grows with m·n. Comparisons for the benchmark: :func:`engine_grad_bytes` (what the engine
-already reduces for the adapters' gradients) and :func:`gather_factor_bytes` (a design that
-all-gathers each full factor, as Muon implementations that rebuild whole matrices do).
+No term grows with m·n, and none with a whole factor: the per-rank bytes fall with the world.
+Comparisons for the benchmark: :func:`engine_grad_bytes` (what the engine already reduces for
+the adapters' gradients) and :func:`gather_factor_bytes` (a design that all-gathers each full
+factor, as Muon implementations that rebuild whole matrices do).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-__all__ = ["GRAM_M", "GRAM_N", "step_bytes", "zero3_partial_rows", "engine_grad_bytes",
+from riemann_zero.sharding.exchange import chunk, exchange_counts
+
+__all__ = ["GRAM_M", "GRAM_N", "step_bytes", "zero12_fragments", "engine_grad_bytes",
            "gather_factor_bytes", "tensorion_step_bytes"]
 
 FP64, FP32 = 8, 4
 GRAM_M, GRAM_N = 5, 6  # r×r blocks all-reduced per adapter and step (see the module docstring)
 
+Frag = tuple[int, int]  # (start, numel) of a row-major flattened parameter on one rank
 
-def zero3_partial_rows(m: int, r: int, world: int) -> bool:
-    """Whether ZeRO-3's ceil(numel/world) chunks of lora_B (m × 2r) cut some row."""
-    numel, cols = m * 2 * r, 2 * r
-    chunk = -(-numel // world)
-    return any(k * chunk % cols for k in range(world) if k * chunk < numel)
+def zero12_fragments(shapes: list[tuple[int, int, int]], world: int, rank: int
+                     ) -> list[tuple[Frag, Frag]]:
+    """A model of ZeRO-1/2's flat layout for the benchmark: the adapters' lora_B, lora_A (in the
+    optimizer's group order) concatenated and cut into ``world`` ceil-sized pieces (DeepSpeed's
+    alignment padding ignored). Returns this rank's ((lora_A), (lora_B)) fragment per adapter."""
+    total = sum(2 * r * (m + n) for m, n, r in shapes)
+    lo, hi = chunk(total, world, rank)[0], sum(chunk(total, world, rank))
+    out, pos = [], 0
+    for m, n, r in shapes:
+        frags = []
+        for numel in (2 * r * m, 2 * r * n):  # lora_B then lora_A
+            s, e = max(lo, pos), min(hi, pos + numel)
+            frags.append((s - pos, e - s) if e > s else (0, 0))
+            pos += numel
+        out.append((frags[1], frags[0]))
+    return out
 
 
-def step_bytes(shapes: list[tuple[int, int, int]], layout: str, world: int,
-               partial: list[bool] | None = None) -> Counter:
-    """Predicted ``last_step_comm`` of one Riemannion step.
+def step_bytes(shapes: list[tuple[int, int, int]], layout: str, world: int, rank: int = 0,
+               fragments: list[tuple[Frag, Frag]] | None = None) -> Counter:
+    """Predicted ``last_step_comm`` of one Riemannion step on one rank.
 
     Args:
         shapes: (m, n, r) of every adapter.
         layout: ``"fsdp2"`` (lora_A on Shard(1) where world | n, else Shard(0)), ``"zero3"``,
             ``"zero12"``, or ``"local"``.
         world: data-parallel world size.
-        partial: for ``"zero12"``, which adapters have a lora_B row cut between ranks (depends on
-            DeepSpeed's flat layout); computed for ``"zero3"``; ignored otherwise.
+        rank: the rank whose bytes to predict (the exchange's share depends on it).
+        fragments: for ``"zero12"`` (required there), this rank's ((start, numel) of lora_A,
+            (start, numel) of lora_B) per adapter; computed for the other layouts.
     """
     out: Counter = Counter()
     if layout == "local" or world == 1:
         return out
+    if layout not in ("fsdp2", "zero3", "zero12"):
+        raise ValueError(
+            f"layout must be 'fsdp2', 'zero3', 'zero12' or 'local', but got {layout!r}")
+    if layout == "zero12" and (fragments is None or len(fragments) != len(shapes)):
+        raise ValueError("zero12: pass this rank's (lora_A, lora_B) fragments per adapter "
+                         "(DeepSpeed's flat layout decides them; zero12_fragments models it)")
     for i, (m, n, r) in enumerate(shapes):
         out["all_reduce.gram_m"] += GRAM_M * r * r * FP64
-        if layout == "fsdp2" and n % world == 0:
-            out["all_reduce.gram_n"] += GRAM_N * r * r * FP64
+        out["all_reduce.gram_n"] += GRAM_N * r * r * FP64
+        if layout == "fsdp2":
+            if n % world == 0:  # Shard(1): row blocks of Aᵀ already
+                continue
+            frag_a, frag_b = chunk(2 * r * n, world, rank, unit=n), None
+        elif layout == "zero3":
+            frag_a, frag_b = chunk(2 * r * n, world, rank), chunk(2 * r * m, world, rank)
         else:
-            out["all_reduce.gather_n"] += 3 * r * n * FP32
-        if layout == "zero3":
-            cut = zero3_partial_rows(m, r, world)
-        elif layout == "zero12":
-            cut = bool(partial and partial[i])
-        else:
-            cut = False
-        if cut:
-            out["all_reduce.boundary_rows"] += world * (1 + 4 * r) * FP32
-            out["all_reduce.boundary_rows_back"] += world * 2 * r * FP32
+            frag_a, frag_b = fragments[i]
+        there, back = exchange_counts(r, n, frag_a, frag_b, rank, world)
+        out["all_to_all.exchange"] += there * FP32
+        out["all_to_all.exchange_back"] += back * FP32
     return out
 
 

@@ -1,12 +1,17 @@
 """The collectives of the manifold step, each counted in bytes by purpose.
 
-Every collective goes through :class:`CountingAllReduce`, which adds its payload (what one rank
-passes to the call) to a ``Counter`` under ``"<collective>.<purpose>"``; the optimizers report
-that counter per step (``last_step_comm``) and the training driver logs it.
+Every collective goes through a :class:`Counting` wrapper (:class:`CountingAllReduce`,
+:class:`CountingReduce`, :class:`CountingBroadcast`, :class:`CountingAllToAll`,
+:class:`CountingAllGather`), which adds its payload to a ``Counter`` under
+``"<collective>.<purpose>"`` before running it. The payload is what this rank passes to the call:
+the tensor it reduces or broadcasts, its send buffer for an all-to-all, its own share for an
+all-gather. The optimizers report that counter per step (``last_step_comm``) and the training
+driver logs it.
 """
 
 from __future__ import annotations
 
+import abc
 from collections import Counter
 from collections.abc import Callable
 
@@ -14,21 +19,72 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["CountingAllReduce", "CountingReduce", "CountingBroadcast", "sketch_reduce",
-           "gather_lora_a"]
+__all__ = ["Counting", "CountingAllReduce", "CountingReduce", "CountingBroadcast",
+           "CountingAllToAll", "CountingAllGather", "sketch_reduce"]
 
 
-class CountingAllReduce:
-    """``t ↦ all_reduce(t)`` over ``group`` (sum), adding the payload bytes to ``comm[key]``."""
+class Counting(abc.ABC):
+    """Runs one collective over ``group``, adding the payload bytes of ``t`` to ``comm[key]``.
+
+    Subclasses only say which collective (:meth:`run`); ``__call__(t, *args)`` passes ``args`` on.
+    """
 
     def __init__(self, comm: Counter, key: str, group=None) -> None:
         self.comm, self.key, self.group = comm, key, group
 
-    def __call__(self, t: Tensor) -> Tensor:
+    def __call__(self, t: Tensor, *args) -> Tensor:
         t = t.contiguous()
         self.comm[self.key] += t.numel() * t.element_size()
+        return self.run(t, *args)
+
+    @abc.abstractmethod
+    def run(self, t: Tensor, *args) -> Tensor:
+        """The collective itself, on the contiguous ``t``."""
+
+
+class CountingAllReduce(Counting):
+    """``t ↦ all_reduce(t)`` (sum, in place)."""
+
+    def run(self, t: Tensor) -> Tensor:
         dist.all_reduce(t, group=self.group)
         return t
+
+
+class CountingReduce(Counting):
+    """``(t, dst) ↦ reduce(t, dst)``: sum onto the global rank ``dst`` (valid there only)."""
+
+    def run(self, t: Tensor, dst: int) -> Tensor:
+        dist.reduce(t, dst=dst, group=self.group)
+        return t
+
+
+class CountingBroadcast(Counting):
+    """``(t, src) ↦ broadcast(t, src)``: afterwards every rank holds the global rank ``src``'s
+    values."""
+
+    def run(self, t: Tensor, src: int) -> Tensor:
+        dist.broadcast(t, src=src, group=self.group)
+        return t
+
+
+class CountingAllToAll(Counting):
+    """``(send, recv_splits, send_splits) ↦ recv``: one ``all_to_all_single`` with variable
+    splits; ``send`` is grouped by destination rank (``send_splits[j]`` elements for group rank
+    j), the result by source rank (``recv_splits[j]`` elements from group rank j)."""
+
+    def run(self, t: Tensor, recv_splits: list[int], send_splits: list[int]) -> Tensor:
+        out = t.new_empty(sum(recv_splits))
+        dist.all_to_all_single(out, t, recv_splits, send_splits, group=self.group)
+        return out
+
+
+class CountingAllGather(Counting):
+    """``t ↦`` the (world, *t.shape) stack of every group rank's ``t``."""
+
+    def run(self, t: Tensor) -> Tensor:
+        parts = [t.new_empty(t.shape) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, t, group=self.group)
+        return torch.stack(parts)
 
 
 def sketch_reduce(group=None, comm: Counter | None = None) -> Callable[[Tensor], Tensor] | None:
@@ -40,56 +96,3 @@ def sketch_reduce(group=None, comm: Counter | None = None) -> Callable[[Tensor],
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return None
     return CountingAllReduce(Counter() if comm is None else comm, "all_reduce.loi_sketch", group)
-
-
-def gather_lora_a(r: int, n: int, start: int, values: Tensor | None, grads: Tensor | None,
-                  reduce: Callable[[Tensor], Tensor], *, dtype: torch.dtype,
-                  device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Whole Aᵀ = [V | K] (n × 2r) and the gradient of its K block, from flat pieces of lora_A.
-
-    This rank holds elements [start, start + numel) of the row-major flattened lora_A (2r × n)
-    as ``values`` (and their gradient ``grads``, or None): a ZeRO flat fragment, or the rows of an
-    FSDP2 ``Shard(0)`` shard. One zero-padded all-reduce of 3·r·n numbers completes the values
-    and the K block's gradient (r × n: the V block's gradient is used by no algorithm and comes
-    back as zeros). Returns (Aᵀ, gradient of Aᵀ), both n × 2r views.
-    """
-    size = 2 * r * n
-    buf = torch.zeros(size + r * n, dtype=dtype, device=device)
-    numel = 0 if values is None else values.numel()
-    if numel > 0:
-        buf[start: start + numel] = values
-        lo, hi = max(start, r * n), min(start + numel, size)
-        if grads is not None and hi > lo:  # gradient of the K rows (the last r rows of lora_A)
-            buf[size + lo - r * n: size + hi - r * n] = grads[lo - start: hi - start]
-    buf = reduce(buf)
-    a = buf[:size].view(2 * r, n)
-    ga = torch.cat([buf.new_zeros(r, n), buf[size:].view(r, n)])
-    return a.mT, ga.mT
-
-
-class CountingReduce:
-    """``t ↦ reduce(t, dst)`` (sum onto one rank) over ``group``, counting the payload bytes."""
-
-    def __init__(self, comm: Counter, key: str, group=None) -> None:
-        self.comm, self.key, self.group = comm, key, group
-
-    def __call__(self, t: Tensor, dst: int) -> Tensor:
-        """``dst`` is a global rank; the sum is valid on ``dst`` only."""
-        t = t.contiguous()
-        self.comm[self.key] += t.numel() * t.element_size()
-        dist.reduce(t, dst=dst, group=self.group)
-        return t
-
-
-class CountingBroadcast:
-    """``t ↦ broadcast(t, src)`` over ``group``, counting the payload bytes."""
-
-    def __init__(self, comm: Counter, key: str, group=None) -> None:
-        self.comm, self.key, self.group = comm, key, group
-
-    def __call__(self, t: Tensor, src: int) -> Tensor:
-        """``src`` is a global rank; afterwards every rank holds its values."""
-        t = t.contiguous()
-        self.comm[self.key] += t.numel() * t.element_size()
-        dist.broadcast(t, src=src, group=self.group)
-        return t

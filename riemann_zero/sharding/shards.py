@@ -6,19 +6,22 @@ The manifold optimizers see an adapter only through a *shards* object:
   lora_Aᵀ = [V | K] (n_loc × 2r) as fp32/fp64 master values, with their gradients (zeros if none);
 - ``write(ad, state, B, Aᵀ)``: store new rows (and refresh low-precision model copies);
 - ``reduce_m`` / ``reduce_n``: sum a small tensor over the ranks holding m-side / n-side rows
-  (``None`` = this rank holds all rows). When both are set they sum over the same ranks, so one
-  reduction of stacked m- and n-side blocks serves both;
+  (``None`` = this rank holds all rows: :class:`LocalShards`). Under every engine both are set
+  and sum over the same ranks, so one reduction of stacked m- and n-side blocks serves both;
 - ``comm``: bytes handed to each collective since the last ``comm.clear()``, keyed
-  ``"<collective>.<purpose>"`` (payload size: what one rank passes to the call).
+  ``"<collective>.<purpose>"`` (payload size: what one rank passes to the call; for an
+  all-to-all, its send buffer).
 
 Layouts (picked by :func:`resolve_shards` from what the model parameters look like at the first
 step, once an engine has laid them out):
 
 - no engine / DDP / ZeRO-0 fp32: :class:`LocalShards`, every reduction the identity;
 - FSDP2 (DTensor parameters): :class:`FsdpShards`, lora_B rows and lora_Aᵀ rows (lora_A on
-  ``Shard(1)``) are this rank's local tensors, Grams all-reduced;
-- DeepSpeed ZeRO-1/2 (``_hp_mapping``) and ZeRO-3 (``ds_id``): flat fragments, see
-  :mod:`riemann_zero.sharding.zero`.
+  ``Shard(1)``) are this rank's local tensors, Grams all-reduced; lora_A on ``Shard(0)`` (rows
+  of lora_A, where the world does not divide n) is transposed into row blocks of Aᵀ by the
+  exchange of :mod:`riemann_zero.sharding.exchange`;
+- DeepSpeed ZeRO-1/2 (``_hp_mapping``) and ZeRO-3 (``ds_id``): flat fragments, turned into row
+  blocks of B and Aᵀ by the same exchange, see :mod:`riemann_zero.sharding.zero`.
 
 Adapters are seen only through :class:`~riemann_zero.sharding.params.AdapterLike` (name, r, m,
 n, lora_A, lora_B): this layer knows no PEFT.
@@ -32,8 +35,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from riemann_zero.sharding.comm import CountingAllReduce, gather_lora_a
-from riemann_zero.sharding.params import AdapterLike, dtensor_rows, is_dtensor, layout_of
+from riemann_zero.sharding.comm import CountingAllReduce, CountingAllToAll
+from riemann_zero.sharding.exchange import FragmentExchange, chunk
+from riemann_zero.sharding.params import AdapterLike, is_dtensor, layout_of
 from riemann_zero.sharding.zero import Zero3Shards, ZeroFlatShards
 
 __all__ = ["LocalShards", "FsdpShards", "resolve_shards"]
@@ -88,18 +92,20 @@ class FsdpShards:
 
     lora_A (2r×n) on ``Shard(1)`` (what ``riemann_zero.fsdp_placement`` asks for when the world size
     divides n) makes the local tensor a row block of Aᵀ: every Gram is then one all-reduce over the
-    mesh. With FSDP2's default ``Shard(0)`` (split along 2r), Aᵀ is gathered instead by one
-    zero-padded all-reduce of its values and of its K block's gradient, as under ZeRO.
-
-    ``reduce_n`` belongs to the bucket being stepped: :meth:`read` sets it (all adapters of a
-    bucket have the same n, hence the same placement).
+    mesh. With FSDP2's default ``Shard(0)`` (split along 2r: whole rows of lora_A, i.e. columns of
+    Aᵀ), the same transposing exchange as under ZeRO gives each rank a row block of Aᵀ (one
+    all-to-all each way per adapter and step; :mod:`riemann_zero.sharding.exchange`), and the
+    Grams are all-reduced as with ``Shard(1)``.
     """
 
     def __init__(self, adapters: list[AdapterLike]) -> None:
         from torch.distributed.tensor import Shard
 
         self.comm: Counter[str] = Counter()
-        self._row_sharded: dict[str, bool] = {}
+        self._exchange: dict[str, FragmentExchange] = {}
+        self.group = adapters[0].lora_B.device_mesh.get_group()
+        self.world = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
         for ad in adapters:
             a, b = ad.lora_A, ad.lora_B
             if not (is_dtensor(a) and is_dtensor(b)):
@@ -112,38 +118,38 @@ class FsdpShards:
                     f"{tuple(a.placements)}, but the manifold optimizer needs lora_B on Shard(0) "
                     "and lora_A on Shard(1) or Shard(0) (a 1-D mesh). Fix: fully_shard(module, "
                     "shard_placement_fn=riemann_zero.fsdp_placement(model))")
-            self._row_sharded[ad.name] = tuple(a.placements) == (Shard(1),)
-        self.group = adapters[0].lora_B.device_mesh.get_group()
-        self.world = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
+            if tuple(a.placements) == (Shard(0),):
+                frags = torch.tensor([chunk(2 * ad.r * ad.n, self.world, p, unit=ad.n)
+                                      for p in range(self.world)])  # torch.chunk of the rows
+                self._exchange[ad.name] = FragmentExchange(ad.r, ad.m, ad.n, frags, None,
+                                                           self.rank, a.to_local().device)
         self.reduce_m = CountingAllReduce(self.comm, "all_reduce.gram_m", self.group)
-        self._reduce_n = CountingAllReduce(self.comm, "all_reduce.gram_n", self.group)
-        self._gather = CountingAllReduce(self.comm, "all_reduce.gather_n", self.group)
-        self.reduce_n = self._reduce_n
+        self.reduce_n = CountingAllReduce(self.comm, "all_reduce.gram_n", self.group)
+        self._there = CountingAllToAll(self.comm, "all_to_all.exchange", self.group)
+        self._back = CountingAllToAll(self.comm, "all_to_all.exchange_back", self.group)
 
     def read(self, ad: AdapterLike, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pb, pa = ad.lora_B, ad.lora_A
         b = _master(pb.to_local(), state, "master_B", transpose=False)
         gb = _grad(None if pb.grad is None else pb.grad.to_local(), b, False)
-        if self._row_sharded[ad.name]:
-            self.reduce_n = self._reduce_n
+        ex = self._exchange.get(ad.name)
+        if ex is None:  # Shard(1): the local tensor is a row block of Aᵀ already
             at = _master(pa.to_local(), state, "master_At", transpose=True)
             return b, gb, at, _grad(None if pa.grad is None else pa.grad.to_local(), at, True)
-        self.reduce_n = None  # Aᵀ gathered: every rank holds all n rows
-        a = _master(pa.to_local(), state, "master_A", transpose=False)  # rows [lo, hi) of A
-        rows = dtensor_rows(2 * ad.r, pa)
-        grads = None if pa.grad is None else pa.grad.to_local().reshape(-1)
-        at, gat = gather_lora_a(ad.r, ad.n, rows.start * ad.n, a.reshape(-1), grads,
-                                self._gather, dtype=a.dtype, device=a.device)
+        a = _master(pa.to_local(), state, "master_A", transpose=False)  # rows of lora_A
+        ga = _grad(None if pa.grad is None else pa.grad.to_local(), a, False)
+        _, _, at, gat = ex.read(a.reshape(-1), ga.reshape(-1), None, None, self._there)
         return b, gb, at, gat
 
     def write(self, ad: AdapterLike, state: dict, b: Tensor, at: Tensor) -> None:
         _write(ad.lora_B.to_local(), state, "master_B", b, transpose=False)
-        if self._row_sharded[ad.name]:
+        ex = self._exchange.get(ad.name)
+        if ex is None:
             _write(ad.lora_A.to_local(), state, "master_At", at, transpose=True)
         else:
-            rows = dtensor_rows(2 * ad.r, ad.lora_A)
-            _write(ad.lora_A.to_local(), state, "master_A", at.mT[rows], transpose=False)
+            local = ad.lora_A.to_local()
+            new_a, _ = ex.write(None, at, self._back)
+            _write(local, state, "master_A", new_a.view(local.shape), transpose=False)
 
 
 def resolve_shards(adapters: list[AdapterLike], param_groups: list[dict]):

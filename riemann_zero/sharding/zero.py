@@ -10,18 +10,25 @@ A DeepSpeed client optimizer never sees matrices. This rank holds the elements
 - ZeRO-3 (``p.ds_id``): contiguous chunks of ``ceil(numel / world)`` elements per rank (the last
   padded); master and gradient are slices of the sub-group's flat fp32 partition and its ``.grad``.
 
-**m side** (lora_B, m × 2r): the fragment is a row block whose first and last rows may be partial.
-The rank holding a row's first element owns the whole row: one all-reduce of a zero-padded
-``world × (1 + 4r)`` buffer (row id, values, gradients of each rank's leading partial row) completes
-the owners' rows; after the step one ``world × 2r`` all-reduce returns the new values of partial
-rows to the ranks holding them. Skipped for adapters whose fragments all start on row boundaries
-(checked once). Grams over m are all-reduced (``reduce_m``).
+Every rank's (start, numel) of every adapter's lora_A and lora_B is all-gathered once, at the
+first step (``setup_comm``). From that table
+:class:`~riemann_zero.sharding.exchange.FragmentExchange` turns this rank's fragments into the row
+blocks the step works on, and back, with ONE all-to-all each way per adapter and step
+(``all_to_all.exchange`` / ``exchange_back``):
 
-**n side** (lora_A, 2r × n): a flat cut of lora_A is a block of *columns* of Aᵀ, useless for Grams
-over n, so Aᵀ is gathered by one zero-padded all-reduce of its values (2r × n) and of the gradient
-of the K block (r × n; the V block's gradient is used by no algorithm and is returned as zeros).
-Every rank then holds all n rows (``reduce_n`` is None), computes the same n-side update and
-writes back its own fragment. Nothing m × n is ever formed or sent.
+- **m side** (lora_B, m × 2r): the fragment is a row block whose first and last rows may be
+  partial. The rank holding a row's first element owns the row; a leading partial row travels to
+  its owner (values and gradients) and its new values come back. Grams over m are all-reduced
+  (``reduce_m``).
+- **n side** (lora_A, 2r × n): a flat cut of lora_A is a block of *columns* of Aᵀ, useless for
+  Grams over n, so it is transposed: rank j receives columns [c_j, c_{j+1}) of lora_A, i.e. a row
+  block of Aᵀ = [V | K] of about n/world rows (none when n < world), with its K block's gradient
+  (the V block's gradient is used by no algorithm and is zero). Grams over n are all-reduced over
+  the same group (``reduce_n``), as under FSDP2.
+
+Per rank and adapter, the exchange moves its own lora_A fragment with the fragment's K-block
+gradients and fewer than 2·2r boundary numbers out, its Aᵀ block (≈ 2r·n/world) and its last
+row's foreign part back: it falls with the world. Nothing m × n, nor a whole factor, is sent.
 """
 
 from __future__ import annotations
@@ -34,10 +41,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from riemann_zero.sharding.comm import CountingAllReduce, gather_lora_a
+from riemann_zero.sharding.comm import CountingAllGather, CountingAllReduce, CountingAllToAll
+from riemann_zero.sharding.exchange import FragmentExchange
 from riemann_zero.sharding.params import AdapterLike, zero3_chunk
 
-__all__ = ["ZeroFlatShards", "Zero3Shards", "Fragment", "owned_rows"]
+__all__ = ["ZeroFlatShards", "Zero3Shards", "Fragment"]
 
 
 @dataclass
@@ -59,21 +67,8 @@ class Fragment:
         return g.narrow(0, self.offset, self.numel)
 
 
-def owned_rows(start: int, numel: int, cols: int) -> tuple[int, int, int]:
-    """(first, end, head): rows [first, end) start inside the fragment and are owned here; the
-    leading ``head`` elements belong to row first − 1, owned by an earlier rank."""
-    if numel == 0:
-        return 0, 0, 0
-    first = -(-start // cols)
-    end = -(-(start + numel) // cols)
-    head = min(first * cols - start, numel)
-    return first, max(first, end), head
-
-
 class _FlatShards(abc.ABC):
     """Shared logic of the ZeRO layouts; subclasses only locate fragments (``_fragment``)."""
-
-    reduce_n = None
 
     def __init__(self, adapters: list[AdapterLike], group) -> None:
         self.comm: Counter[str] = Counter()
@@ -82,83 +77,47 @@ class _FlatShards(abc.ABC):
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.reduce_m = CountingAllReduce(self.comm, "all_reduce.gram_m", group)
-        self._gather = CountingAllReduce(self.comm, "all_reduce.gather_n", group)
-        self._rows_in = CountingAllReduce(self.comm, "all_reduce.boundary_rows", group)
-        self._rows_out = CountingAllReduce(self.comm, "all_reduce.boundary_rows_back", group)
-        self._partial: dict[str, bool] = {}
-        self._slots: dict[str, list[int]] = {}
-        # Which adapters have a partial row anywhere: one small collective, once.
-        heads = torch.tensor([float(owned_rows(f.start, f.numel, 2 * ad.r)[2] > 0)
-                              for ad in adapters for f in [self._fragment(ad.lora_B)]],
-                             device=self.device)
-        CountingAllReduce(self.setup_comm, "all_reduce.setup", group)(heads)
-        self._partial = {ad.name: bool(h > 0) for ad, h in zip(adapters, heads.tolist())}
+        self.reduce_n = CountingAllReduce(self.comm, "all_reduce.gram_n", group)
+        self._there = CountingAllToAll(self.comm, "all_to_all.exchange", group)
+        self._back = CountingAllToAll(self.comm, "all_to_all.exchange_back", group)
+        # Every rank's (start, numel) of lora_A and lora_B per adapter: one small collective, once.
+        mine = torch.tensor([[f.start, f.numel] for ad in adapters
+                             for f in (self._fragment(ad.lora_A), self._fragment(ad.lora_B))],
+                            dtype=torch.int64, device=self.device)
+        table = CountingAllGather(self.setup_comm, "all_gather.setup", group)(mine).cpu()
+        self._exchange = {
+            ad.name: FragmentExchange(ad.r, ad.m, ad.n, table[:, 2 * i], table[:, 2 * i + 1],
+                                      self.rank, self.device)
+            for i, ad in enumerate(adapters)}
 
     @abc.abstractmethod
     def _fragment(self, p: Tensor) -> Fragment:
         """This rank's slice of parameter ``p`` in the engine's flat partition."""
 
-    # ------------------------------------------------------------------------------ read
+    def fragments(self, ad: AdapterLike) -> tuple[tuple[int, int], tuple[int, int]]:
+        """This rank's ((start, numel) of lora_A, (start, numel) of lora_B): what
+        :func:`~riemann_zero.sharding.accounting.step_bytes` needs under ZeRO-1/2."""
+        fa, fb = self._fragment(ad.lora_A), self._fragment(ad.lora_B)
+        return (fa.start, fa.numel), (fb.start, fb.numel)
+
+    def _pieces(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """(values, gradient) of this rank's fragment of p (empty tensors if it holds none)."""
+        f = self._fragment(p)
+        if f.numel == 0:
+            empty = torch.zeros(0, device=self.device)
+            return empty, empty
+        return f.value, f.grad()
+
     def read(self, ad: AdapterLike, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        b, gb = self._read_rows(ad)
-        at, gat = self._gather_n(ad)
-        return b, gb, at, gat
+        return self._exchange[ad.name].read(*self._pieces(ad.lora_A), *self._pieces(ad.lora_B),
+                                            self._there)
 
-    def _read_rows(self, ad: AdapterLike) -> tuple[Tensor, Tensor]:
-        c = 2 * ad.r
-        f = self._fragment(ad.lora_B)
-        first, end, head = owned_rows(f.start, f.numel, c)
-        rows = end - first
-        b = torch.zeros(rows * c, dtype=torch.float32, device=self.device)
-        gb = torch.zeros(rows * c, dtype=torch.float32, device=self.device)
-        own = min(rows * c, f.numel - head)
-        if own > 0:
-            b[:own] = f.value[head: head + own]
-            gb[:own] = f.grad()[head: head + own]
-        if self._partial[ad.name]:
-            buf = torch.zeros(self.world, 1 + 2 * c, device=self.device)
-            if head > 0:
-                col = f.start % c
-                buf[self.rank, 0] = f.start // c + 1
-                buf[self.rank, 1 + col: 1 + col + head] = f.value[:head]
-                buf[self.rank, 1 + c + col: 1 + c + col + head] = f.grad()[:head]
-            buf = self._rows_in(buf)
-            slots = []
-            if rows > 0 and own < rows * c:  # my last row continues on later ranks
-                slots = torch.nonzero(buf[:, 0] == end).flatten().tolist()
-                tail = buf[slots].sum(0)
-                b[-c:] += tail[1: 1 + c]
-                gb[-c:] += tail[1 + c:]
-            self._slots[ad.name] = slots
-        return b.view(rows, c), gb.view(rows, c)
-
-    def _gather_n(self, ad: AdapterLike) -> tuple[Tensor, Tensor]:
-        f = self._fragment(ad.lora_A)
-        return gather_lora_a(ad.r, ad.n, f.start, f.value, f.grad() if f.numel else None,
-                             self._gather, dtype=torch.float32, device=self.device)
-
-    # ----------------------------------------------------------------------------- write
     @torch.no_grad()
     def write(self, ad: AdapterLike, state: dict, b: Tensor, at: Tensor) -> None:
-        c = 2 * ad.r
-        f = self._fragment(ad.lora_B)
-        first, end, head = owned_rows(f.start, f.numel, c)
-        rows = end - first
-        own = min(rows * c, f.numel - head)
-        if own > 0:
-            f.value[head: head + own] = b.reshape(-1)[:own].to(f.value.dtype)
-        if self._partial[ad.name]:
-            buf = torch.zeros(self.world, c, device=self.device)
-            for j in self._slots.get(ad.name, []):
-                buf[j] = b[-1]
-            buf = self._rows_out(buf)
-            if head > 0:
-                col = f.start % c
-                f.value[:head] = buf[self.rank, col: col + head].to(f.value.dtype)
-        fa = self._fragment(ad.lora_A)
-        if fa.numel > 0:
-            flat = at.mT.reshape(-1)
-            fa.value.copy_(flat[fa.start: fa.start + fa.numel].to(fa.value.dtype))
+        new_a, new_b = self._exchange[ad.name].write(b, at, self._back)
+        for f, new in ((self._fragment(ad.lora_A), new_a), (self._fragment(ad.lora_B), new_b)):
+            if f.numel:
+                f.value.copy_(new)
 
 
 class ZeroFlatShards(_FlatShards):

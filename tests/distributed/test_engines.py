@@ -1,6 +1,7 @@
 """ZeRO-1/2/3 and FSDP2 runs of Riemannion (CPU, gloo, several processes) equal the
-single-process run, with and without gradient accumulation and LOI; a ZeRO-3 adapter loads in
-stock PEFT; the optimizer's bytes per step are what the shapes predict.
+single-process run, with and without gradient accumulation and LOI, also where ranks own no
+column of lora_A (n < world); a ZeRO-3 adapter loads in stock PEFT; every rank's optimizer bytes
+per step are what the shapes (and, under ZeRO-1/2, its fragments) predict.
 
 Tolerance: every case trains in fp32 for 5 steps. The engines average gradients in a different
 order than the single process sums them (all-reduce / reduce-scatter of per-rank means, micro-batch
@@ -59,31 +60,54 @@ def run_spec(tmp: Path, port: int, world: int, cases: list[dict], **extra) -> Pa
     return out
 
 
-def rel_err(out: Path, name: str, loi: bool) -> float:
-    ref = torch.load(out / "reference.pt")[f"loi{int(loi)}"]["points"]
-    got = torch.load(out / f"{name}.pt")["points"]
+def rel_err(out: Path, case: dict) -> float:
+    ref = torch.load(out / "reference.pt")[worker.ref_key(case)]["points"]
+    got = torch.load(out / f"{case['name']}.pt")["points"]
     assert set(got) == set(ref)
     return max(float((got[k] - ref[k]).norm() / ref[k].norm()) for k in ref)
 
 
-def _shapes() -> list[tuple[int, int, int]]:
-    """(m, n, r) of the worker model's adapters, in module order."""
-    cfg = worker.LLAMA
+def _shapes(case: dict | None = None) -> list[tuple[int, int, int]]:
+    """(m, n, r) of the case's worker model's adapters, in module order."""
+    r, llama = worker.model_of(case or {}, {"r": 2})
+    cfg = {**worker.LLAMA, **llama}
     kv = cfg["num_key_value_heads"] * cfg["head_dim"]
     h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    per_layer = [(h, h, 2), (kv, h, 2), (kv, h, 2), (h, inter, 2)]  # q, k, v, down
+    per_layer = [(h, h, r), (kv, h, r), (kv, h, r), (h, inter, r)]  # q, k, v, down
     return per_layer * cfg["num_hidden_layers"]
 
 
+LAYOUT = {"zero1": "zero12", "zero2": "zero12", "zero3": "zero3", "fsdp2": "fsdp2"}
+
+
+def assert_bytes_as_predicted(out: Path, case: dict, world: int) -> None:
+    """Every rank's measured bytes by collective, at every step, equal the prediction for that
+    rank (integers: exact); ZeRO-1/2 from the rank's own fragments (DeepSpeed's flat layout)."""
+    res = torch.load(out / f"{case['name']}.pt")
+    layout, shapes = LAYOUT[case["engine"]], _shapes(case)
+    assert len(res["comm_by_rank"]) == world
+    for rank, (comm, frags) in enumerate(zip(res["comm_by_rank"], res["fragments_by_rank"])):
+        predicted = dict(step_bytes(shapes, layout, world, rank,
+                                    frags if layout == "zero12" else None))
+        assert len(comm) == 5  # exactly one manifold step per optimizer step (gas = 4 too)
+        for step in comm:
+            assert step == predicted, (rank, step, predicted)
+
+
 # World 3: uneven splits everywhere, k/v lora_B (4 rows) leave FSDP2 rank 2 empty, ZeRO-3 cuts
-# their rows mid-row (boundary exchange), ZeRO-1/2 leave most adapters wholly on one rank, and
-# FSDP2 keeps down_proj's lora_A (n = 40, 3 ∤ 40) on Shard(0) (gathered n side).
+# their rows mid-row (boundary rows in the exchange), ZeRO-1/2 leave most adapters wholly on one
+# rank, and FSDP2 keeps down_proj's lora_A (n = 40, 3 ∤ 40) on Shard(0) (transposed by the
+# exchange).
 W3_DEFAULT = [
     {"name": "zero1", "engine": "zero1"},
     {"name": "zero2_gas4", "engine": "zero2", "gas": 4},
     {"name": "zero3_gas4", "engine": "zero3", "gas": 4},
     {"name": "fsdp2_gas4", "engine": "fsdp2", "gas": 4},
 ]
+# Regression for ranks that own no column of lora_A (n < world) and hold empty fragments: the
+# 2-wide Llama of worker.NARROW (r = 1) under ZeRO-3 with gradient accumulation; its ZeRO-1/2
+# and FSDP2 twins run in the slow full matrix.
+NARROW_CASE = {"name": "narrow_zero3_gas4", "engine": "zero3", "gas": 4, "model": "narrow"}
 SHIFT_CASE = {"name": "zero3_shift", "engine": "zero3_shift"}
 W2_DEFAULT = [
     {"name": "zero3_loi", "engine": "zero3", "loi": True, "save": True},
@@ -102,7 +126,7 @@ PARTITIONED = [
 @pytest.fixture(scope="module")
 def world3(tmp_path_factory) -> Path:
     return run_spec(tmp_path_factory.mktemp("w3"), _free_port(), 3,
-                    W3_DEFAULT + [SHIFT_CASE] + PARTITIONED)
+                    W3_DEFAULT + [NARROW_CASE, SHIFT_CASE] + PARTITIONED)
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +145,14 @@ def test_loi_shift_on_zero3_partitioned_weights(world3):
     assert res["shift_err"] <= 1e-5
 
 
-@pytest.mark.parametrize("name", [c["name"] for c in W3_DEFAULT])
-def test_world3_equals_single_process(world3, name):
-    assert rel_err(world3, name, loi=False) <= RTOL
+@pytest.mark.parametrize("case", W3_DEFAULT + [NARROW_CASE], ids=lambda c: c["name"])
+def test_world3_equals_single_process(world3, case):
+    assert rel_err(world3, case) <= RTOL
 
 
-@pytest.mark.parametrize("name", [c["name"] for c in W2_DEFAULT])
-def test_world2_loi_equals_single_process(world2, name):
-    assert rel_err(world2, name, loi=True) <= RTOL
+@pytest.mark.parametrize("case", W2_DEFAULT, ids=lambda c: c["name"])
+def test_world2_loi_equals_single_process(world2, case):
+    assert rel_err(world2, case) <= RTOL
 
 
 @pytest.mark.parametrize("world", ["world2", "world3"])
@@ -175,29 +199,24 @@ def test_layouts_detected(world3):
                        "zero3_gas4": "Zero3Shards", "fsdp2_gas4": "FsdpShards"}
 
 
-@pytest.mark.parametrize("name,layout", [("zero3_gas4", "zero3"), ("fsdp2_gas4", "fsdp2")])
-def test_step_bytes_match_shape_prediction(world3, name, layout):
-    """Measured bytes by collective, every step, equal the count predicted from the shapes; the
-    prediction has no term in m·n (so no collective grows with a full matrix)."""
-    comm = torch.load(world3 / f"{name}.pt")["comm"]
-    predicted = dict(step_bytes(_shapes(), layout, world=3))
-    assert len(comm) == 5  # exactly one manifold step per optimizer step (gas = 4)
-    for step in comm:
-        assert step == predicted
-    bigger = [(m * 10, n * 10, r) for m, n, r in _shapes()]  # 100× m·n → at most 10× bytes
+@pytest.mark.parametrize("case", W3_DEFAULT + [NARROW_CASE], ids=lambda c: c["name"])
+def test_step_bytes_match_shape_prediction(world3, case):
+    """Measured bytes by collective, every step and every rank, equal the count predicted from
+    the shapes (and, for ZeRO-1/2, the rank's fragments); the prediction has no term in m·n, so
+    no collective grows with a full matrix, and the exchange's share falls with the world."""
+    assert_bytes_as_predicted(world3, case, 3)
+    layout = LAYOUT[case["engine"]]
+    if layout == "zero12":  # uneven flat cuts: some rank holds no element of some lora_A
+        frags = torch.load(world3 / f"{case['name']}.pt")["fragments_by_rank"]
+        assert any(fa[1] == 0 for per_rank in frags for fa, _ in per_rank)
+        return
+    predicted = step_bytes(_shapes(case), layout, 3)
+    bigger = [(m * 10, n * 10, r) for m, n, r in _shapes(case)]  # 100× m·n → at most 10× bytes
     assert sum(step_bytes(bigger, layout, 3).values()) <= 10 * sum(predicted.values())
-
-
-def test_zero12_bytes_match_shape_prediction(world3):
-    """ZeRO-1/2: Grams and the gathered n side exactly as predicted; boundary-row exchanges come
-    in whole per-adapter units (which adapters are cut depends on DeepSpeed's flat layout)."""
-    for name in ("zero1", "zero2_gas4"):
-        for step in torch.load(world3 / f"{name}.pt")["comm"]:
-            pred = step_bytes(_shapes(), "zero12", world=3)
-            assert step["all_reduce.gram_m"] == pred["all_reduce.gram_m"]
-            assert step["all_reduce.gather_n"] == pred["all_reduce.gather_n"]
-            unit = 3 * (1 + 4 * 2) * 4
-            assert step.get("all_reduce.boundary_rows", 0) % unit == 0
+    if layout == "zero3":
+        exchange = [sum(step_bytes(bigger, layout, w, p)["all_to_all.exchange"]
+                        for p in range(w)) / w for w in (3, 12)]
+        assert exchange[1] < exchange[0] / 3  # mean bytes per rank ∝ 1 / world
 
 
 def test_zero3_adapter_loads_in_stock_peft(world2, tmp_path):
@@ -243,14 +262,18 @@ def test_zero3_adapter_loads_in_stock_peft(world2, tmp_path):
 FULL = [
     {"name": f"{eng}_gas{gas}{'_loi' if loi else ''}", "engine": eng, "gas": gas, "loi": loi}
     for eng in ("zero1", "zero2", "zero3", "fsdp2") for gas in (1, 4) for loi in (False, True)
-]
+] + [{"name": f"narrow_{eng}", "engine": eng, "model": "narrow"}
+     for eng in ("zero1", "zero2", "fsdp2")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_full_matrix(world, tmp_path):
-    """Both world sizes × 4 engines × gradient accumulation 1/4 × LOI on/off."""
+    """Both world sizes × 4 engines × gradient accumulation 1/4 × LOI on/off, and the 2-wide
+    model (n < world at world 3) under ZeRO-1/2 and FSDP2; every rank's bytes as predicted."""
     cases = FULL
     out = run_spec(tmp_path, _free_port(), world, cases)
-    errors = {c["name"]: rel_err(out, c["name"], c["loi"]) for c in cases}
+    errors = {c["name"]: rel_err(out, c) for c in cases}
     assert max(errors.values()) <= RTOL, errors
+    for case in cases:
+        assert_bytes_as_predicted(out, case, world)

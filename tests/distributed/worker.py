@@ -3,9 +3,11 @@
 ``python tests/distributed/worker.py SPEC.json`` spawns ``world`` ranks; each rank runs every case
 of the spec in turn (engine in zero1/zero2/zero3/fsdp2, gradient accumulation, LOI) on the same
 tiny random Llama and the same data, and rank 0 writes ``OUT/<case>.pt`` with the final points X
-(m×n, built from the gathered factors), the optimizer's bytes by collective at every step and,
-if asked, a saved adapter. ``python tests/distributed/worker.py SPEC.json --reference`` runs the
-single-process Riemannion on the whole global batch instead (no engine), for comparison.
+(m×n, built from the gathered factors), every rank's optimizer bytes by collective at every step
+(and, under ZeRO, every rank's fragments of each adapter) and, if asked, a saved adapter.
+``python tests/distributed/worker.py SPEC.json --reference`` runs the single-process Riemannion on
+the whole global batch instead (no engine), for comparison. A case with ``"model": "narrow"``
+trains :data:`NARROW` instead (a 2-wide Llama, r = 1: n < world).
 
 Data layout: step s uses the global batch ``DATA[s]`` of ``world × MICRO × gas`` sequences,
 ordered [rank][micro-batch][sample]; every sequence has the same length, so the mean of the
@@ -32,18 +34,34 @@ LLAMA = dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_
              num_attention_heads=6, num_key_value_heads=1, head_dim=4, max_position_embeddings=32,
              tie_word_embeddings=False)
 OPT = dict(lr=0.02, momentum=0.9, weight_decay=0.01)
+# n = 2 < world 3, r = 1: at world 3 rank 0 owns no column of lora_A (an empty row block of Aᵀ),
+# ZeRO-3 chunks of 2 leave rank 2 without any element of lora_A or lora_B, FSDP2 keeps lora_A on
+# Shard(0) (3 ∤ 2) with its 2 rows on ranks 0 and 1.
+NARROW = dict(hidden_size=2, intermediate_size=2, num_attention_heads=1, num_key_value_heads=1,
+              head_dim=2)
 
 
-def build(r: int):
+def model_of(case: dict, spec: dict) -> tuple[int, dict]:
+    """(r, config overrides) of the case's model: the spec's r and LLAMA, or NARROW with r = 1."""
+    return (1, NARROW) if case.get("model") == "narrow" else (spec["r"], {})
+
+
+def ref_key(case: dict) -> str:
+    """Key of the reference run a case compares with (same model, same LOI)."""
+    tag = "narrow_" if case.get("model") == "narrow" else ""
+    return f"{tag}loi{int(bool(case.get('loi', False)))}"
+
+
+def build(r: int, llama: dict | None = None):
     """The tiny Llama with manifold adapters (k_proj/v_proj have m = 4 rows: empty FSDP2 shards
-    at world 3), identical on every rank."""
+    at world 3), identical on every rank; ``llama`` overrides config entries."""
     from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import riemann_zero as rz
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**LLAMA)).float()
+    base = LlamaForCausalLM(LlamaConfig(**{**LLAMA, **(llama or {})})).float()
     return rz.get_peft_model(base, LoraConfig(r=r, target_modules=TARGETS), init="random",
                              init_scale=0.05)
 
@@ -71,8 +89,9 @@ def reference(spec: dict) -> dict:
     torch.set_num_threads(1)
     world, steps = spec["world"], spec["steps"]
     out = {}
-    for loi in sorted({bool(c.get("loi", False)) for c in spec["cases"]}):
-        model = build(spec["r"])
+    for key, case in {ref_key(c): c for c in spec["cases"]}.items():
+        loi = bool(case.get("loi", False))
+        model = build(*model_of(case, spec))
         if loi:
             rz.loi_init(model, [{"input_ids": b, "labels": b} for b in calibration(world)])
         probe = calibration(world)[0]
@@ -83,9 +102,9 @@ def reference(spec: dict) -> dict:
             model(input_ids=batch, labels=batch).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        out[f"loi{int(loi)}"] = {"points": points(model), "loss_step0": loss}
+        out[key] = {"points": points(model), "loss_step0": loss}
         if spec.get("save_reference"):
-            rz.save_adapter(model, Path(spec["out"]) / f"reference_loi{int(loi)}_adapter")
+            rz.save_adapter(model, Path(spec["out"]) / f"reference_{key}_adapter")
     return out
 
 
@@ -213,7 +232,7 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     world, steps, engine, gas = spec["world"], spec["steps"], case["engine"], case.get("gas", 1)
     loi = bool(case.get("loi", False))
     micro = PER_RANK // gas
-    model = build(spec["r"])
+    model = build(*model_of(case, spec))
     # LOI before deepspeed.initialize (LOI's own backward passes would run through ZeRO's
     # gradient hooks); under FSDP2 it runs on the sharded model (partitioned base shift).
     if loi and engine.startswith("zero"):
@@ -254,7 +273,16 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
             opt.zero_grad(set_to_none=True)
         comm.append(dict(inner.last_step_comm))
     target = eng.module if engine.startswith("zero") else model
-    result = {"points": points(target), "comm": comm, "layout": type(inner.shards).__name__}
+    # Every rank's bytes (they differ: the exchange moves each rank's own fragments) and, under
+    # ZeRO, its fragments of every adapter (what the byte model needs for ZeRO-1/2).
+    shards = inner.shards
+    mine = {"comm": comm, "fragments": [shards.fragments(ad) for ad in inner.adapters.values()]
+            if hasattr(shards, "fragments") else None}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    result = {"points": points(target), "comm": comm, "layout": type(shards).__name__,
+              "comm_by_rank": [e["comm"] for e in everyone],
+              "fragments_by_rank": [e["fragments"] for e in everyone]}
     if case.get("save"):
         rz.save_adapter(target, out / f"{case['name']}_adapter")
     if rank == 0:
