@@ -86,3 +86,30 @@ def test_manifold_health_of_a_stella_optimizer(tiny_llama):
 def test_manifold_health_of_a_model_still_reads_its_parameters(tiny_llama):
     model = build(tiny_llama, seed=5)
     assert rz.manifold_health(model)["orth_err_U"] < 1e-10
+
+
+@pytest.mark.parametrize("name,key", [("Riemannion", "momentum_K"), ("RiemannAdam", "exp_avg_U")])
+def test_state_for_other_rows_is_refused_at_the_first_step(tiny_llama, name, key):
+    """Optimizer state written for another row layout (another world size, or a ZeRO checkpoint
+    from before the n-side all-to-all exchange, whose K momentum spans all n rows) used to fail
+    deep inside the geometry with a shape error; it is refused at the first step after loading
+    with one line naming the state and the fix. Matching state still resumes exactly."""
+    model = build(tiny_llama, seed=3)
+    opt = getattr(rz, name)(model, lr=1e-3)
+    backward(model, batch(0))
+    opt.step()
+    state = opt.state_dict()
+    ok_model = build(tiny_llama, seed=3)
+    ok = getattr(rz, name)(ok_model, lr=1e-3)
+    ok.load_state_dict(state)
+    backward(ok_model, batch(1))
+    ok.step()  # the same layout: no complaint
+    bad_state = {**state, "adapter_state": {
+        n: {k: (v[..., :-1, :] if k == key else v) for k, v in st.items()}
+        for n, st in state["adapter_state"].items()}}
+    twin_model = build(tiny_llama, seed=3)
+    twin = getattr(rz, name)(twin_model, lr=1e-3)
+    twin.load_state_dict(bad_state)
+    backward(twin_model, batch(1))
+    with pytest.raises(ValueError, match=f"optimizer state '{key}' of adapter .* holds .* rows"):
+        twin.step()

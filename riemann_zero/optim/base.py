@@ -103,6 +103,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         self.adapters: dict[str, Adapter] = {ad.name: ad for ad in adapters}
         self.adapter_state: dict[str, dict] = defaultdict(dict)
         self.shards = None  # resolved at the first step, once an engine has laid out the params
+        self._check_loaded_rows = False  # set by load_adapter_state_dict, cleared by step
         # One batched call per shape (default); False: a per-adapter loop (benchmarks, debugging).
         self.batch_by_shape = True
         # Cap on one batched call's factor bytes: "auto" = CPU_BUCKET_BYTES for CPU parameters
@@ -151,6 +152,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
                 shards.comm.clear()
                 for bucket in self._buckets(group["adapters"]):
                     self._step_bucket(group, bucket, shards)
+                self._check_loaded_rows = False
                 self.last_step_comm = dict(shards.comm)  # bytes by collective, this step
                 self.comm_total.update(shards.comm)
                 if _log.isEnabledFor(logging.DEBUG):
@@ -165,6 +167,8 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         reads = [shards.read(ad, st) for ad, st in zip(bucket, states)]
         rows_m = [rd[0].shape[0] for rd in reads]
         rows_n = [rd[2].shape[0] for rd in reads]
+        if self._check_loaded_rows:
+            _check_state_rows(bucket, states, max(rows_m), max(rows_n))
         dtype = torch.float64 if reads[0][0].dtype == torch.float64 else torch.float32
 
         def stack(i: int, cols: slice, rows: list[int]) -> Tensor:  # only the r-wide halves used
@@ -235,6 +239,7 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
             raise ValueError(
                 f"optimizer state names adapters this model lacks: {sorted(unknown)[:5]}")
         self.adapter_state = defaultdict(dict)
+        self._check_loaded_rows = True
         for name, st in adapter_state.items():
             device = self.adapters[name].lora_B.device
             self.adapter_state[name] = {
@@ -284,6 +289,24 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
             "max_norm_Z": z_norm,
             "mean_norm_X": sum(x_norms) / len(x_norms),
         }
+
+
+def _check_state_rows(bucket: list[Adapter], states: list[dict], rows_m: int, rows_n: int
+                      ) -> None:
+    """After a load: the per-adapter tangent states (``*_U`` over this rank's m-side rows, ``*_K``
+    over its n-side rows) must have the rows this rank steps now, else the checkpoint was written
+    for another layout and stepping would fail deep inside the geometry (or mix rows)."""
+    for ad, st in zip(bucket, states):
+        for key, value in st.items():
+            want = rows_m if key.endswith("_U") else rows_n if key.endswith("_K") else None
+            if (want is not None and isinstance(value, Tensor) and value.dim() >= 2
+                    and value.shape[-2] != want):  # (scalar second moments have no rows)
+                raise ValueError(
+                    f"optimizer state {key!r} of adapter {ad.name} holds {value.shape[-2]} rows, "
+                    f"but this rank steps {want}: the checkpoint was written for another layout "
+                    f"(another world size or engine, or before ZeRO's n-side all-to-all exchange, "
+                    f"which changed the rows a rank keeps); resume with the world size and "
+                    f"version that wrote it, or start the run again in a new output_dir")
 
 
 def keep_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
