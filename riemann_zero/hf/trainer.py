@@ -93,7 +93,8 @@ def _optimizer_block_error(config: dict | None) -> str | None:
 
 
 def check_options(rz_optimizer: str, rz_optimizer_kwargs: dict | None, rz_init: str,
-                  rz_init_kwargs: dict | None, optimizers: Any, ds_config: dict | None) -> None:
+                  rz_init_kwargs: dict | None, optimizers: Any, ds_config: dict | None,
+                  args_bf16: bool = False) -> None:
     """The construction-time refusals, each one ``ValueError`` line (why and what to change)."""
     names = _manifold_names()
     if rz_optimizer not in names:
@@ -124,7 +125,8 @@ def check_options(rz_optimizer: str, rz_optimizer_kwargs: dict | None, rz_init: 
                          f"{', '.join(_LOI_KEYS)}")
     if ds_config:
         stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-        bf16 = bool((ds_config.get("bf16") or {}).get("enabled", False) is True)
+        enabled = (ds_config.get("bf16") or {}).get("enabled", False)
+        bf16 = enabled is True or (enabled == "auto" and args_bf16)
         problem = registry.engine_error(rz_optimizer, "deepspeed", stage, bf16)
         if problem:
             raise ValueError(problem)
@@ -144,7 +146,8 @@ class _Riemann:
         bound = inspect.signature(parent).bind_partial(*args, **kwargs).arguments
         targs = bound.get("args")
         check_options(rz_optimizer, rz_optimizer_kwargs, rz_init, rz_init_kwargs,
-                      bound.get("optimizers"), _ds_config(getattr(targs, "deepspeed", None)))
+                      bound.get("optimizers"), _ds_config(getattr(targs, "deepspeed", None)),
+                      args_bf16=bool(getattr(targs, "bf16", False)))
         if targs is not None:
             complete_deepspeed_state(targs)  # CPU processes: the world DeepSpeed set up
         super().__init__(*args, **kwargs)

@@ -132,7 +132,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("stella", StelLA,
                   ("lr", "betas", "eps", "weight_decay"), layout="peft", inits=("peft",),
                   init_hint="starts from its own orthonormal U S Vᵀ", **_WHOLE_FACTORS,
-                  prepare=stella_init, health=True, state_per_value=3.0),
+                  prepare=stella_init, health=True, state_per_value=3.0, bf16=False,
+                  dtype_hint="updates the model's LoRA factors in place, which DeepSpeed's bf16 "
+                             "wrapper (ZeRO-0, its only stage) overwrites with its own fp32 "
+                             "copies every step"),
     # Muon for tensors of any order: per-factor Muon on LoRA, or whole tensors (MoE expert stacks)
     # under model.trainable.
     OptimizerSpec("tensorion", tensorion_model,
@@ -186,4 +189,12 @@ def engine_error(name: str, engine: str, stage: int, bf16: bool) -> str | None:
                 f"deepspeed.zero_optimization.stage={row.stages[0]}")
     if bf16 and not row.bf16:
         return f"optimizer {name!r} {row.dtype_hint}; set deepspeed.bf16.enabled=false"
+    if bf16 and engine == "deepspeed" and stage == 0 and row.layout == "manifold":
+        # Without ZeRO, DeepSpeed's bf16 wrapper hands the optimizer fp32 copies of the params
+        # and copies them back over the model after the step: a manifold optimizer, which steps
+        # the adapters themselves, would train nothing (and LOI would be undone at step 1).
+        return (f"optimizer {name!r} with bf16 needs ZeRO-1, 2 or 3 (DeepSpeed's ZeRO-0 bf16 "
+                f"wrapper would overwrite its updates every step); set "
+                f"deepspeed.zero_optimization.stage=1 (on one process it shards nothing) or "
+                f"deepspeed.bf16.enabled=false")
     return None

@@ -114,7 +114,8 @@ def test_trainer_equals_plain_loop(tmp_path, accum):
 
 def test_refusals_are_one_line_before_any_step(tmp_path):
     """optimizers=(...) with rz_optimizer, a DeepSpeed optimizer block, an unknown optimizer, lr
-    in rz_optimizer_kwargs, a launcher's WORLD_SIZE=2 while the Trainer sees one process: each
+    in rz_optimizer_kwargs, a launcher's WORLD_SIZE=2 while the Trainer sees one process, bf16
+    under ZeRO-0 (DeepSpeed's wrapper would overwrite every manifold step): each
     refused at construction with one line naming the fix (run in a fresh process:
     TrainingArguments(deepspeed=...) changes process-wide state)."""
     script = textwrap.dedent(f"""
@@ -136,6 +137,11 @@ def test_refusals_are_one_line_before_any_step(tmp_path):
             "lr": (dict(args=args()), dict(rz_optimizer_kwargs={{"lr": 1.0}})),
         }}
         cases["world"] = (dict(args=args()), {{}})  # a launcher's 2 processes, 1 seen
+        bf16 = {{"zero_optimization": {{"stage": 0}}, "bf16": {{"enabled": True}},
+                "train_micro_batch_size_per_gpu": "auto"}}
+        cases["bf16_zero0"] = (dict(args=args(deepspeed=bf16)), {{}})
+        auto = dict(bf16, bf16={{"enabled": "auto"}})  # resolved from TrainingArguments.bf16
+        cases["bf16_auto_zero0"] = (dict(args=args(deepspeed=auto, bf16=True)), {{}})
         for name, (targs, extra) in cases.items():
             model = w.build_peft()
             os.environ["WORLD_SIZE"] = "2" if name == "world" else "1"
@@ -150,7 +156,8 @@ def test_refusals_are_one_line_before_any_step(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(ln.split("\t", 1) for ln in proc.stdout.splitlines() if "\t" in ln)
-    assert set(lines) == {"optimizers", "ds_optimizer", "name", "lr", "world"}
+    assert set(lines) == {"optimizers", "ds_optimizer", "name", "lr", "world", "bf16_zero0",
+                          "bf16_auto_zero0"}
     for msg in lines.values():
         assert "<NL>" not in msg and msg != "NOT REFUSED"
     assert "drop optimizers=" in lines["optimizers"]
@@ -158,6 +165,8 @@ def test_refusals_are_one_line_before_any_step(tmp_path):
     assert "riemannion" in lines["name"]
     assert "learning_rate" in lines["lr"]
     assert "WORLD_SIZE=2" in lines["world"] and "use_cpu=True" in lines["world"]
+    for case in ("bf16_zero0", "bf16_auto_zero0"):
+        assert "stage=1" in lines[case] and "bf16.enabled=false" in lines[case]
 
 
 @pytest.mark.parametrize("loi", [False, True])

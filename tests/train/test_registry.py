@@ -98,6 +98,20 @@ def test_engine_rules_come_from_the_row(tmp_path):
     assert plan.grad_accum == 1
 
 
+@pytest.mark.parametrize("name", ["riemannion", "riemann_sgd", "riemann_adam", "stella"])
+def test_bf16_without_zero_is_refused_where_the_wrapper_would_undo_the_step(tmp_path, name):
+    """DeepSpeed's ZeRO-0 bf16 wrapper copies its fp32 params over the model after each step:
+    optimizers that update the adapters in place trained nothing there (loss flat, silently)."""
+    base = [f"model.name_or_path={TINY}", f"output_dir={tmp_path / 'run'}", "lora.r=8",
+            f"optimizer.name={name}", "deepspeed.bf16.enabled=true",
+            "init.method=" + ("peft" if name == "stella" else "loi")]
+    with pytest.raises(RecipeError, match=f"'{name}'.*bf16.*deepspeed.bf16.enabled=false"):
+        preflight(load_recipe(None, [*base, "deepspeed.zero_optimization.stage=0"]))
+    if name != "stella":  # ZeRO-1/2/3 keep the fp32 master the optimizer writes: accepted
+        for stage in (1, 2, 3):
+            preflight(load_recipe(None, [*base, f"deepspeed.zero_optimization.stage={stage}"]))
+
+
 @pytest.mark.parametrize("value", ["null", "false", "off", "None"])
 def test_eval_after_switches_off_from_the_command_line(value):
     on = load_recipe(None, ["eval_after.suite=commonsense"])
