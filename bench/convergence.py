@@ -1,341 +1,373 @@
-"""Convergence and quality: Riemannion against the optimizers users would pick instead.
+"""Convergence and quality: Riemannion against LoRA with AdamW, on a budget where AdamW has settled.
 
-SmolLM2-135M on the commonsense mixture (real data, the same examples in the same order for every
-method: a fixed token budget), every method through the training driver:
+SmolLM2-135M (all 30 layers) on the commonsense mixture, one process per run, every run through
+the training driver (``python -m riemann_zero.train recipes/smollm2_commonsense.yaml k=v ...``)
+and every final adapter through the eval stage (``python -m eval RUN --suite commonsense``).
+For a given seed every method sees the same examples in the same order. The protocol:
 
-1. sweep: seed 0 at each learning rate of the method's grid; the best lr is the one with the
-   lowest held-out eval loss at the end (PiSSA and LoRA-GA take AdamW's);
-2. seeds: the best lr again with the other seeds;
-3. eval: the eval stage's commonsense protocol (b) (LLM-Adapters generative, the papers' tables)
-   on every final adapter, ``--eval-limit`` documents per task;
-4. math: the best lr of Riemannion+LOI and AdamW on the math mixture (loss curves).
+1. grids: seed 0 at each lr of the method's grid (1-3 series, log-spaced); the best lr is the one
+   with the lowest final held-out loss, and a grid whose best is an end point is extended past
+   that end until the best is strictly inside (Riemannion + LOI, AdamW, and the two ablations
+   that need their own lr);
+2. seeds: Riemannion + LOI and AdamW again at their best lr with the other seeds;
+3. ablations, one seed at the best lr: Riemannion with zero init, with ``lr_scale="rms"`` (its
+   own small grid around AdamW's lr), StelLA (AdamW's lr: an Adam-type step), per-factor Muon
+   (Riemannion's lr: both take orthogonalised steps) and RiemannSGD + LOI (its own grid);
+4. eval: protocols (a) and (b) on ``--eval-limit`` documents per task for every final adapter.
 
-Steps 1-3 run method by method, so a benchmark cut short leaves complete rows.
+``--lanes`` runs that many jobs at once (one thread each); jobs start as soon as what they need
+is finished, in the order above. A killed run resumes from its last checkpoint (``--save-every``)
+and a finished run or evaluation is never redone, so the protocol runs in pieces:
+``--hours`` stops starting jobs after that long. ``bench/convergence_report.py`` (also called at
+the end) turns the runs into ``OUT/convergence.json``, ``convergence.md`` and the plots.
 
-Each run is ``python -m riemann_zero.train recipes/smollm2_commonsense.yaml k=v ...`` in
-``OUT/runs/NAME``; the driver skips a finished run and the eval stage caches per-task results, so
-an interrupted benchmark continues where it stopped. Writes ``OUT/convergence.json``,
-``OUT/convergence.md`` (tables), ``OUT/loss_curves.png`` and ``OUT/accuracy.png``.
-
-    python bench/convergence.py                      # the defaults below (hours on 2 CPU cores)
-    python bench/convergence.py --report-only        # tables and plots from finished runs
+    python bench/convergence.py --hours 2.5     # a piece; rerun until it reports 0 jobs left
+    python bench/convergence_report.py          # tables and plots from the finished runs
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
-from riemann_zero import io
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "smollm2_commonsense.yaml"
+OUT = REPO / "bench" / "results" / "convergence"
 
-# name -> (recipe overrides, lr grid). An empty grid reuses another method's best lr.
-METHODS: dict[str, tuple[list[str], list[float] | str]] = {
-    "riemannion+loi": (["optimizer.name=riemannion", "init.method=loi",
-                        "optimizer.weight_decay=0.00316", "optimizer.momentum=0.9"],
-                       [1e-3, 3e-3]),
-    "riemann_sgd+loi": (["optimizer.name=riemann_sgd", "init.method=loi",
-                         "optimizer.momentum=0.9"], [3e-2, 1e-1]),
-    "adamw": (["optimizer.name=adamw", "init.method=peft", "optimizer.weight_decay=0.01"],
-              [1e-3, 3e-3]),
-    "muon": (["optimizer.name=muon", "init.method=peft", "optimizer.weight_decay=0.2",
-              "optimizer.momentum=0.95"], [3e-3, 1e-2]),
-    "rprec_adamw": (["optimizer.name=rprec_adamw", "init.method=peft",
-                     "optimizer.weight_decay=0.5"], [1e-3, 3e-3]),
-    "stella": (["optimizer.name=stella", "init.method=peft"], [1e-3, 3e-3]),
-    # Initialisations against LOI, with AdamW at its best lr.
-    "adamw+pissa": (["optimizer.name=adamw", "init.method=pissa", "optimizer.weight_decay=0.01"],
-                    "adamw"),
-    "adamw+lora_ga": (["optimizer.name=adamw", "init.method=lora_ga",
-                       "optimizer.weight_decay=0.01"], "adamw"),
+_RIEMANNION = ("optimizer.name=riemannion", "optimizer.weight_decay=0.00316",
+               "optimizer.momentum=0.9")
+_ADAMW = ("optimizer.name=adamw", "init.method=peft", "optimizer.weight_decay=0.01")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the protocol: its recipe overrides and where its lr comes from."""
+
+    overrides: tuple[str, ...]
+    grid: tuple[float, ...] = ()  # its own grid at seed 0, extended until the best is inside
+    grid_from: str | None = None  # its own 3-point grid centred on that method's best lr
+    lr_from: str | None = None  # no grid: that method's best lr
+    primary: bool = False  # all seeds (the others run seed 0 only)
+
+
+METHODS: dict[str, Method] = {
+    "riemannion+loi": Method(_RIEMANNION + ("init.method=loi",),
+                             grid=(1e-3, 3e-3, 1e-2, 3e-2), primary=True),
+    "adamw": Method(_ADAMW, grid=(3e-4, 1e-3, 3e-3, 1e-2), primary=True),
+    "riemannion+zero": Method(_RIEMANNION + ("init.method=zero",), lr_from="riemannion+loi"),
+    "riemannion+loi+rms": Method(
+        _RIEMANNION + ("init.method=loi", "optimizer.options.lr_scale=rms"), grid_from="adamw"),
+    "stella": Method(("optimizer.name=stella", "init.method=peft"), lr_from="adamw"),
+    "muon": Method(("optimizer.name=muon", "init.method=peft", "optimizer.weight_decay=0.2",
+                    "optimizer.momentum=0.95"), lr_from="riemannion+loi"),
+    "riemann_sgd+loi": Method(("optimizer.name=riemann_sgd", "init.method=loi",
+                               "optimizer.momentum=0.9"), grid=(3e-2, 1e-1, 3e-1)),
 }
-MATH_METHODS = ("riemannion+loi", "adamw")
-GEN_TASKS = ["rz_gen_boolq", "rz_gen_piqa", "rz_gen_social_i_qa", "rz_gen_hellaswag",
-             "rz_gen_winogrande", "rz_gen_arc_easy", "rz_gen_arc_challenge", "rz_gen_openbookqa"]
+MAX_EXTEND = 3  # grid points added past one end before the method is reported as unbracketed
 
 
-def _parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Job:
+    name: str  # the run directory under OUT/runs
+    kind: str  # "train" or "eval"
+    args: tuple[str, ...]
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(REPO / "bench" / "results" / "convergence"))
+    p.add_argument("--out", default=str(OUT))
     p.add_argument("--model", default="asset:smollm2", help="recipe model.name_or_path")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps (the token budget)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the primary methods")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps (the token budget)")
     p.add_argument("--batch", type=int, default=8, help="examples per optimizer step")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=10, help="held-out loss every this many steps")
     p.add_argument("--eval-loss-examples", type=int, default=48)
-    p.add_argument("--eval-limit", type=int, default=10,
-                   help="documents per commonsense task for protocol (b); 0 skips the eval stage")
-    p.add_argument("--no-math", action="store_true", help="skip the math run")
-    p.add_argument("--report-only", action="store_true", help="no training: tables and plots")
+    p.add_argument("--eval-limit", type=int, default=50,
+                   help="documents per commonsense task for protocols (a) and (b); 0: no eval")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint period (resume point)")
+    p.add_argument("--lanes", type=int, default=2, help="jobs at once, one thread each")
+    p.add_argument("--hours", type=float, default=None, help="start no job after this long")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs ready now and exit")
     return p
 
 
-def _common(a: argparse.Namespace) -> list[str]:
-    return [f"model.name_or_path={a.model}", f"max_steps={a.steps}",
-            f"train.micro_batch_size={a.batch}", "train.gradient_accumulation_steps=1",
-            f"data.max_length={a.max_length}", "data.train_limit=4000",
-            f"data.eval_limit={a.eval_loss_examples}", f"train.eval_every={a.steps // 2}",
-            "train.save_every=0", f"lora.r={a.rank}", f"lora.lora_alpha={2 * a.rank}",
-            "lora.lora_dropout=0.05", "init.batches=2", "schedule.type=linear",
-            "schedule.warmup_ratio=0.1", "deepspeed.zero_optimization.stage=0",
-            "eval_after.suite=null"]
+def lr_name(lr: float) -> str:
+    return f"{lr:g}"
 
 
-def _finished(run: Path) -> bool:
+def next_lr(lr: float, direction: int) -> float:
+    """The neighbour of ``lr`` in the 1-3 series (…, 1e-3, 3e-3, 1e-2, …) up or down."""
+    exp = round(math.log10(lr) * 2) / 2 + 0.5 * direction  # 1·10^k -> k, 3·10^k -> k + ½
+    return float(f"{10 ** math.floor(exp) * (3 if exp % 1 else 1):.0e}")
+
+
+def run_name(method: str, lr: float, seed: int) -> str:
+    return f"{method}_lr{lr_name(lr)}_s{seed}"
+
+
+def finished(run: Path) -> bool:
     """A run the driver completed (an interrupted one has metrics but no finished run.json)."""
     info = run / "run.json"
     return info.is_file() and json.loads(info.read_text()).get("status") == "finished"
 
 
+def diverged(run: Path) -> bool:
+    return (run / "diverged.txt").is_file()
+
+
+def final_eval_loss(run: Path) -> float:
+    """The last held-out loss of a finished run; +inf for a run that diverged."""
+    if diverged(run):
+        return float("inf")
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["eval_loss"] for r in rows if "eval_loss" in r][-1]
+
+
+def evaluated(run: Path, a) -> bool:
+    res = run / "eval" / "results.json"
+    if not res.is_file():
+        return False
+    suite = json.loads(res.read_text()).get("suites", {}).get("commonsense", {})
+    return bool(suite) and suite.get("limit") == a.eval_limit
+
+
+class Grid:
+    """A method's grid as it stands: its points, and the best lr once it is bracketed."""
+
+    def __init__(self, points: list[float], losses: dict[float, float]):
+        self.points = sorted(points)
+        self.losses = losses  # finished points only
+
+    @property
+    def complete(self) -> bool:
+        return all(lr in self.losses for lr in self.points)
+
+    @property
+    def best(self) -> float | None:
+        if not self.complete:
+            return None
+        return min(self.points, key=lambda lr: self.losses[lr])
+
+    def extension(self) -> float | None:
+        """The point to add when the best is an end point (None when bracketed or capped)."""
+        best = self.best
+        if best is None or len(self.points) < 2:
+            return None
+        if best == self.points[0]:
+            return next_lr(best, -1)
+        if best == self.points[-1]:
+            return next_lr(best, +1)
+        return None
+
+    @property
+    def bracketed(self) -> bool:
+        best = self.best
+        return best is not None and self.points[0] < best < self.points[-1]
+
+
+class Protocol:
+    """What has run and what may run next, read from the run directories only."""
+
+    def __init__(self, a):
+        self.a = a
+        self.root = Path(a.out) / "runs"
+        self.methods = a.methods.split(",")
+
+    def run(self, name: str) -> Path:
+        return self.root / name
+
+    def done(self, name: str) -> bool:
+        return finished(self.run(name)) or diverged(self.run(name))
+
+    def start_grid(self, m: str) -> tuple[float, ...] | None:
+        spec = METHODS[m]
+        if spec.grid:
+            return spec.grid
+        if spec.grid_from:
+            centre = self.best_lr(spec.grid_from)
+            return None if centre is None else (next_lr(centre, -1), centre, next_lr(centre, +1))
+        return None
+
+    def grid(self, m: str) -> Grid | None:
+        """The grid with every extension made so far (a point is added only past a finished
+        best end point, at most ``MAX_EXTEND`` of them)."""
+        start = self.start_grid(m)
+        if start is None:
+            return None
+        points = list(start)
+        while True:
+            g = Grid(points, {lr: final_eval_loss(self.run(run_name(m, lr, 0))) for lr in points
+                              if self.done(run_name(m, lr, 0))})
+            ext = g.extension()
+            if ext is None or _outside(points, start) >= MAX_EXTEND:
+                return g
+            points.append(ext)
+
+    def best_lr(self, m: str) -> float | None:
+        """The lr a method's other runs use: its grid's best once bracketed (or capped)."""
+        spec = METHODS[m]
+        if spec.lr_from:
+            return self.best_lr(spec.lr_from)
+        g = self.grid(m)
+        if g is None or g.best is None:
+            return None
+        capped = _outside(g.points, self.start_grid(m)) >= MAX_EXTEND
+        return g.best if g.bracketed or capped else None
+
+    def train_job(self, m: str, lr: float, seed: int) -> Job:
+        a = self.a
+        common = (f"model.name_or_path={a.model}", f"max_steps={a.steps}",
+                  f"train.micro_batch_size={a.batch}", "train.gradient_accumulation_steps=1",
+                  f"data.max_length={a.max_length}", "data.train_limit=4000",
+                  f"data.eval_limit={a.eval_loss_examples}", f"train.eval_every={a.eval_every}",
+                  f"train.save_every={a.save_every}", f"lora.r={a.rank}",
+                  f"lora.lora_alpha={2 * a.rank}", "lora.lora_dropout=0.05", "init.batches=2",
+                  "schedule.type=linear", "schedule.warmup_ratio=0.1",
+                  "deepspeed.zero_optimization.stage=0", "eval_after.suite=null")
+        name = run_name(m, lr, seed)
+        return Job(name, "train", (*common, *METHODS[m].overrides, f"optimizer.lr={lr}",
+                                   f"seed={seed}", f"output_dir={self.run(name)}"))
+
+    def finals(self, m: str) -> list[str]:
+        """The runs scored by the eval stage: every seed of the method at its chosen lr."""
+        lr = self.best_lr(m)
+        if lr is None:
+            return []
+        seeds = self.a.seeds if METHODS[m].primary else 1
+        return [run_name(m, lr, s) for s in range(seeds)]
+
+    def pending(self) -> list[Job]:
+        """Jobs whose inputs are finished and which are not, in protocol order: the primary
+        grids (interleaved, middle points first), their seeds, the ablations, the eval stage."""
+        primary = [m for m in self.methods if METHODS[m].primary]
+        jobs: list[Job] = []
+        for group in (primary, [m for m in self.methods if m not in primary]):
+            grids = {m: self.grid(m) for m in group}
+            order = {m: sorted(g.points, key=lambda lr, g=g: abs(math.log(lr) - _mid(g.points)))
+                     for m, g in grids.items() if g is not None}
+            for i in range(max(map(len, order.values()), default=0)):  # round robin
+                jobs += [self.train_job(m, pts[i], 0) for m, pts in order.items()
+                         if i < len(pts) and not self.done(run_name(m, pts[i], 0))]
+            for m in group:
+                jobs += [self.train_job(m, *_parse(name)) for name in self.finals(m)
+                         if not self.done(name)]
+        if self.a.eval_limit:
+            for m in self.methods:
+                for name in self.finals(m):
+                    run = self.run(name)
+                    if finished(run) and not evaluated(run, self.a):
+                        base = m == "adamw" and name.endswith("_s0")  # the base model's row
+                        jobs.append(Job(name, "eval", () if base else ("--no-base",)))
+        return jobs
+
+
+def _mid(points: list[float]) -> float:
+    return (math.log(min(points)) + math.log(max(points))) / 2
+
+
+def _outside(points: list[float], start: tuple[float, ...]) -> int:
+    return sum(p < min(start) or p > max(start) for p in points)
+
+
+def _parse(name: str) -> tuple[float, int]:
+    stem, seed = name.rsplit("_s", 1)
+    return float(stem.rsplit("_lr", 1)[1]), int(seed)
+
+
 def _env() -> dict[str, str]:
-    """Offline, all cores, and no inherited launcher variables: each run is its own process."""
+    """Offline, one thread per lane, no inherited launcher variables: each run is one process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS=str(os.cpu_count() or 1), TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
 
 
-def _train(a, name: str, overrides: list[str], log) -> Path:
-    out = Path(a.out) / "runs" / name
-    if _finished(out):
-        return out
-    env = _env()
-    cmd = [sys.executable, "-m", "riemann_zero.train", str(RECIPE), *_common(a), *overrides,
-           f"output_dir={out}"]
-    t0 = time.time()
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    (Path(a.out) / "logs").mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / "logs" / f"{name}.log").write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        raise RuntimeError(f"run {name} failed ({res.returncode}); see "
-                           f"{Path(a.out) / 'logs' / (name + '.log')}:\n{res.stderr[-2000:]}")
-    log(f"trained {name} in {time.time() - t0:.0f} s")
-    return out
+def _command(job: Job, a) -> list[str]:
+    if job.kind == "train":
+        return [sys.executable, "-m", "riemann_zero.train", str(RECIPE), *job.args]
+    return [sys.executable, "-m", "eval", str(Path(a.out) / "runs" / job.name), "--suite",
+            "commonsense", "--limit", str(a.eval_limit), *job.args]
 
 
-def _evaluate(a, run: Path, log) -> None:
-    if (run / "eval" / "results.json").is_file():
-        return
-    env = _env()
-    cmd = [sys.executable, "-m", "eval", str(run), "--suite", "commonsense", "--limit",
-           str(a.eval_limit), "--tasks", ",".join(GEN_TASKS), "--no-base"]
-    t0 = time.time()
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"eval of {run} failed:\n{res.stderr[-2000:]}")
-    log(f"evaluated {run.name} in {time.time() - t0:.0f} s")
+def _launch(job: Job, a, lane_threads: int) -> subprocess.Popen:
+    logs = Path(a.out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(_env(), OMP_NUM_THREADS=str(lane_threads))
+    log = open(logs / f"{job.name}.{job.kind}.log", "a")  # noqa: SIM115 (closed on exit)
+    return subprocess.Popen(_command(job, a), cwd=REPO, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
-def _metrics(run: Path) -> dict:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "eval_loss" in r]
-    out = {"steps": [r["step"] for r in train], "loss": [r["loss"] for r in train],
-           "eval_steps": [r["step"] for r in evals], "eval_loss": [r["eval_loss"] for r in evals],
-           "step_time_s": statistics.median(r["step_time_s"] for r in train),
-           "optim_time_s": statistics.median(r["optim_time_s"] for r in train)}
-    res = run / "eval" / "results.json"
-    if res.is_file():
-        models = json.loads(res.read_text())["suites"]["commonsense"]["models"]
-        scores = next(m["results"] for k, m in models.items() if k != "base")
-        out["gen_acc"] = {t: scores[t]["acc,none"] for t in GEN_TASKS if t in scores}
-        out["gen_avg"] = statistics.mean(out["gen_acc"].values())
-    return out
-
-
-def _best_lr(a, names: dict[float, str]) -> float | None:
-    """The lr whose seed-0 run ends with the lowest held-out eval loss (finished runs only)."""
-    root = Path(a.out) / "runs"
-    done = {lr: n for lr, n in names.items() if _finished(root / n)}
-    if not done:
-        return None
-    return min(done, key=lambda lr: _metrics(root / done[lr])["eval_loss"][-1])
-
-
-def _run_all(a, methods: list[str], log) -> dict:
-    """Method by method (so that a cut-short benchmark leaves whole rows): sweep, seeds, eval."""
-    runs: dict = {"sweep": {}, "seeds": {}, "math": {}, "best_lr": {}}
-    best = runs["best_lr"]
-    for m in methods:
-        overrides, grid = METHODS[m]
-        if not isinstance(grid, str):  # 1. sweep at seed 0
-            for lr in grid:
-                name = f"{m}_lr{lr:g}_s0"
-                runs["sweep"].setdefault(m, {})[lr] = name
-                if not a.report_only:
-                    _train(a, name, overrides + [f"optimizer.lr={lr}", "seed=0"], log)
-        lr = best.get(grid) if isinstance(grid, str) else _best_lr(a, runs["sweep"][m])
-        if lr is None:
-            continue
-        best[m] = lr
-        for seed in range(a.seeds):  # 2. the other seeds at the best lr
-            name = f"{m}_lr{lr:g}_s{seed}"
-            runs["seeds"].setdefault(m, []).append(name)
-            if not a.report_only:
-                _train(a, name, overrides + [f"optimizer.lr={lr}", f"seed={seed}"], log)
-                if a.eval_limit:  # 3. the eval stage on the final adapter
-                    _evaluate(a, Path(a.out) / "runs" / name, log)
-    if not a.no_math:  # 4. math mixture, loss curves
-        for m in MATH_METHODS:
-            if m not in best:
-                continue
-            name = f"math_{m}_lr{best[m]:g}_s0"
-            runs["math"][m] = name
-            if not a.report_only:
-                _train(a, name, METHODS[m][0] + [
-                    f"optimizer.lr={best[m]}", "seed=0", "data.train=math",
-                    "data.eval_split=holdout"], log)
-    return runs
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def _summarise(a, runs: dict) -> dict:
-    root = Path(a.out) / "runs"
-    have = lambda n: _finished(root / n)  # noqa: E731
-    summary = {}
-    for m, names in runs["seeds"].items():
-        ms = [_metrics(root / n) for n in names if have(n)]
-        if not ms:
-            continue
-        tail = max(1, a.steps // 4)  # final train loss: mean of the last quarter of steps
-        row = {"lr": runs["best_lr"][m], "seeds": len(ms),
-               "train_loss": _mean_std([statistics.mean(x["loss"][-tail:]) for x in ms]),
-               "eval_loss": _mean_std([x["eval_loss"][-1] for x in ms]),
-               "step_time_s": statistics.median(x["step_time_s"] for x in ms),
-               "optim_time_s": statistics.median(x["optim_time_s"] for x in ms),
-               "curves": [{"steps": x["steps"], "loss": x["loss"]} for x in ms],
-               "sweep": {str(lr): _metrics(root / n)["eval_loss"][-1]
-                         for lr, n in runs["sweep"].get(m, {}).items() if have(n)}}
-        accs = [x["gen_avg"] for x in ms if "gen_avg" in x]
-        if accs:
-            row["gen_avg"] = _mean_std([100 * v for v in accs])
-            row["gen_tasks"] = {t: _mean_std([100 * x["gen_acc"][t] for x in ms if "gen_acc" in x])
-                                for t in GEN_TASKS}
-        summary[m] = row
-    math = {m: _metrics(root / n) for m, n in runs["math"].items() if have(n)}
-    return {"methods": summary, "math": math}
-
-
-def _fmt(ms: tuple[float, float], digits: int = 3) -> str:
-    return f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
-
-
-def _table(a, res: dict) -> str:
-    lines = [f"SmolLM2-135M (`{a.model}`), commonsense mixture, r={a.rank}, {a.steps} steps × "
-             f"{a.batch} examples (max {a.max_length} tokens), mean ± std over seeds; eval loss "
-             f"on {a.eval_loss_examples} held-out commonsense test examples; accuracy: protocol "
-             f"(b), {a.eval_limit} documents per task × 8 tasks. Times are left out: runs shared "
-             f"the machine (bench/overhead.py measures speed).", "",
-             "| method | lr (best of sweep: eval loss) | seeds | train loss (last quarter) | "
-             "eval loss | protocol (b) avg acc % |",
-             "|---|---|---|---|---|---|"]
-    for m, r in res["methods"].items():
-        sweep = ", ".join(f"{lr}: {v:.3f}" for lr, v in r["sweep"].items()) or "AdamW's"
-        acc = _fmt(r["gen_avg"], 1) if "gen_avg" in r else "–"
-        lines.append(f"| {m} | {r['lr']:g} ({sweep}) | {r['seeds']} | {_fmt(r['train_loss'])} | "
-                     f"{_fmt(r['eval_loss'])} | {acc} |")
-    if res["math"]:
-        lines += ["", "Math mixture (holdout eval loss, seed 0, the commonsense best lr):", "",
-                  "| method | first eval loss | final eval loss | final train loss |",
-                  "|---|---|---|---|"]
-        for m, x in res["math"].items():
-            lines.append(f"| {m} | {x['eval_loss'][0]:.3f} | {x['eval_loss'][-1]:.3f} | "
-                         f"{statistics.mean(x['loss'][-max(1, a.steps // 4):]):.3f} |")
-    return "\n".join(lines) + "\n"
-
-
-def _plots(a, res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, axes = plt.subplots(1, 2 if res["math"] else 1, figsize=(12 if res["math"] else 7, 4.5),
-                             squeeze=False)
-    ax = axes[0][0]
-    for m, r in res["methods"].items():
-        curves = np.array([c["loss"] for c in r["curves"]])
-        # Running mean over 3 steps: the batch-to-batch noise hides the trend otherwise.
-        k = min(3, curves.shape[1])
-        smooth = np.array([np.convolve(c, np.ones(k) / k, mode="valid") for c in curves])
-        x = np.array(r["curves"][0]["steps"][k - 1:])
-        ax.plot(x, smooth.mean(0), label=f"{m} (lr {r['lr']:g})")
-        ax.fill_between(x, smooth.min(0), smooth.max(0), alpha=0.15)
-    ax.set(xlabel="optimizer step", ylabel="train loss (3-step mean; band: seeds min–max)",
-           title="commonsense mixture")
-    ax.legend(fontsize=7)
-    if res["math"]:
-        ax = axes[0][1]
-        for m, x in res["math"].items():
-            ax.plot(x["steps"], x["loss"], label=f"{m} train")
-            ax.plot(x["eval_steps"], x["eval_loss"], "o--", label=f"{m} holdout eval")
-        ax.set(xlabel="optimizer step", ylabel="loss", title="math mixture (seed 0)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(Path(a.out) / "loss_curves.png", dpi=120)
-    plt.close(fig)
-
-    scored = {m: r for m, r in res["methods"].items() if "gen_avg" in r}
-    if scored:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        names = list(scored)
-        ax.bar(names, [scored[m]["gen_avg"][0] for m in names],
-               yerr=[scored[m]["gen_avg"][1] for m in names], capsize=4)
-        ax.set(ylabel="protocol (b) average accuracy, % (± std over seeds)",
-               title=f"commonsense, {a.eval_limit} docs/task, {a.steps} steps")
-        ax.tick_params(axis="x", rotation=30)
-        fig.tight_layout()
-        fig.savefig(Path(a.out) / "accuracy.png", dpi=120)
-        plt.close(fig)
-
-
-def _versions() -> dict:
-    out = io.versions(("torch", "transformers", "peft", "deepspeed", "lm_eval"))
-    return {**out, "machine": platform.machine(), "cpus": os.cpu_count()}
+def _after(job: Job, rc: int, a, log) -> bool:
+    """Records a run that diverged (its final loss is +inf); False for any other failure."""
+    if rc == 0:
+        return True
+    text = (Path(a.out) / "logs" / f"{job.name}.{job.kind}.log").read_text()[-4000:]
+    if job.kind == "train" and "training diverged at step" in text:
+        line = next(x for x in text.splitlines()[::-1] if "training diverged" in x)
+        (Path(a.out) / "runs" / job.name / "diverged.txt").write_text(line + "\n")
+        log(f"{job.name} diverged: {line.strip()}")
+        return True
+    log(f"{job.kind} {job.name} failed ({rc}); see {a.out}/logs/{job.name}.{job.kind}.log")
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
-    methods = a.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
+    a = parser().parse_args(argv)
+    unknown = [m for m in a.methods.split(",") if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-    for m in methods:  # an init comparison needs the method whose best lr it borrows
-        grid = METHODS[m][1]
-        if isinstance(grid, str) and grid not in methods:
-            raise SystemExit(f"{m} uses the best lr of {grid}; add {grid} to --methods")
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    proto, t0 = Protocol(a), time.time()
 
     def log(msg: str) -> None:
-        print(f"[convergence {time.time() - t0:6.0f} s] {msg}", flush=True)
+        print(f"[convergence {time.strftime('%H:%M:%S')} +{time.time() - t0:5.0f} s] {msg}",
+              flush=True)
 
-    runs = _run_all(a, methods, log)
-    res = _summarise(a, runs)
-    res.update(args=vars(a), versions=_versions(), runs=runs,
-               command="python bench/convergence.py " + " ".join(sys.argv[1:]))
-    io.write_json(Path(a.out) / "convergence.json", res, indent=1)
-    table = _table(a, res)
-    (Path(a.out) / "convergence.md").write_text(table)
-    _plots(a, res)
-    print(table)
-    return 0
+    if a.dry_run:
+        for job in proto.pending():
+            print(job.kind, job.name)
+        return 0
+    running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
+    failed: set[str] = set()
+    threads = max(1, (os.cpu_count() or 1) // a.lanes)
+    while True:
+        late = a.hours is not None and time.time() - t0 > 3600 * a.hours
+        ready = [j for j in proto.pending()
+                 if f"{j.kind}:{j.name}" not in running and f"{j.kind}:{j.name}" not in failed]
+        while not late and ready and len(running) < a.lanes:
+            job = ready.pop(0)
+            running[f"{job.kind}:{job.name}"] = (job, _launch(job, a, threads), time.time())
+            log(f"started {job.kind} {job.name}")
+        if not running:
+            break
+        time.sleep(10)
+        for key, (job, proc, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[key]
+            if _after(job, proc.returncode, a, log):
+                log(f"{job.kind} {job.name} done in {time.time() - started:.0f} s")
+            else:
+                failed.add(key)
+    left = proto.pending()
+    log(f"{len(left)} job(s) ready and not run; {len(failed)} failed"
+        + ("" if left or failed else "; the protocol may still add jobs: rerun to be sure"))
+    from convergence_report import report  # noqa: PLC0415 (a sibling script)
+
+    report(a)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,54 +1,184 @@
-"""bench/convergence.py's bookkeeping on synthetic run folders: best lr by final eval loss, seeds
-aggregated as mean ± std, init baselines borrowing AdamW's lr, tables and plots written."""
+"""bench/convergence.py's protocol and bench/convergence_report.py's statistics, on synthetic run
+folders: grids extended until the best lr is inside, seeds and ablations started only then,
+diverged runs ranked last, steps-to-target interpolation, the paired bootstrap interval, and the
+report written end to end."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import statistics
+import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("convergence", REPO / "bench" / "convergence.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        yield importlib.import_module("convergence"), importlib.import_module("convergence_report")
+    finally:
+        sys.path.remove(str(REPO / "bench"))
 
 
-def _fake_run(root: Path, name: str, losses: list[float], eval_loss: float) -> None:
-    run = root / "runs" / name
+def _args(conv, out: Path, *extra: str):
+    return conv.parser().parse_args(["--out", str(out), "--steps", "30", "--eval-every", "10",
+                                     "--eval-limit", "4", *extra])
+
+
+def _fake_run(out: Path, name: str, eval_losses: list[float], status: str = "finished") -> Path:
+    """A run folder as the driver leaves it: held-out loss at steps 0, 10, 20, ..."""
+    run = out / "runs" / name
     run.mkdir(parents=True)
-    rows = [{"step": i + 1, "loss": x, "step_time_s": 1.0, "optim_time_s": 0.1}
-            for i, x in enumerate(losses)]
-    rows += [{"step": 0, "eval_loss": 3.0}, {"step": len(losses), "eval_loss": eval_loss}]
+    rows = [{"step": s, "loss": 2.0 - 0.01 * s, "step_time_s": 1.0}
+            for s in range(1, 10 * (len(eval_losses) - 1) + 1)]
+    rows += [{"step": 10 * i, "eval_loss": x} for i, x in enumerate(eval_losses)]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (run / "run.json").write_text(json.dumps({"status": "finished"}))
+    (run / "run.json").write_text(json.dumps({"status": status}))
+    return run
 
 
-def test_sweep_seeds_and_report(tmp_path):
-    conv = _load()
-    lo, hi = conv.METHODS["adamw"][1]
-    # seed 0 at both lrs: the higher lr ends with the lower eval loss, so it wins
-    _fake_run(tmp_path, f"adamw_lr{lo:g}_s0", [2.0, 1.9, 1.8, 1.7], 1.9)
-    _fake_run(tmp_path, f"adamw_lr{hi:g}_s0", [2.0, 1.5, 1.2, 1.0], 1.1)
-    _fake_run(tmp_path, f"adamw_lr{hi:g}_s1", [2.0, 1.6, 1.3, 1.2], 1.3)
-    _fake_run(tmp_path, f"adamw+pissa_lr{hi:g}_s0", [1.8, 1.4, 1.1, 0.9], 1.0)
-    args = conv._parser().parse_args(["--out", str(tmp_path), "--seeds", "2", "--steps", "4",
-                                      "--eval-limit", "0", "--no-math", "--report-only",
-                                      "--methods", "adamw,adamw+pissa"])
-    runs = conv._run_all(args, ["adamw", "adamw+pissa"], print)
-    assert runs["best_lr"] == {"adamw": hi, "adamw+pissa": hi}
-    res = conv._summarise(args, runs)
-    row = res["methods"]["adamw"]
-    assert row["seeds"] == 2
-    assert row["eval_loss"][0] == statistics.mean([1.1, 1.3])
-    assert abs(row["eval_loss"][1] - statistics.stdev([1.1, 1.3])) < 1e-12
-    assert row["train_loss"][0] == statistics.mean([1.0, 1.2])  # last quarter = last step
-    assert res["methods"]["adamw+pissa"]["seeds"] == 1  # seed 1 missing: not invented
-    table = conv._table(args, res)
-    assert "| adamw |" in table and "AdamW's" in table
-    conv._plots(args, res)
-    assert (tmp_path / "loss_curves.png").stat().st_size > 1000
+def _fake_eval(run: Path, correct: dict[str, list[int]], rep, limit: int = 4) -> None:
+    """eval/results.json and the per-document samples of the adapter (label = run name)."""
+    (run / "eval").mkdir()
+    tasks = [t for p in rep.SUITE_TASKS.values() for t in p]
+    results = {t: {"acc,none": float(np.mean(correct.get(t, [0] * limit)))} for t in tasks}
+    suite = {"limit": limit, "models": {run.name: {"results": results}}}
+    (run / "eval" / "results.json").write_text(json.dumps({"suites": {"commonsense": suite}}))
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in run.name)
+    with open(run / "eval" / f"samples_commonsense_{slug}.jsonl", "w") as fh:
+        for t in tasks:
+            for d, ok in enumerate(correct.get(t, [0] * limit)):
+                fh.write(json.dumps({"task": t, "doc_id": d, "acc": ok}) + "\n")
+
+
+def _names(jobs) -> list[str]:
+    return [f"{j.kind}:{j.name}" for j in jobs]
+
+
+def test_next_lr_walks_the_1_3_series(bench):
+    conv, _ = bench
+    assert [conv.next_lr(x, +1) for x in (1e-3, 3e-3, 3e-4, 0.3)] == [3e-3, 1e-2, 1e-3, 1.0]
+    assert [conv.next_lr(x, -1) for x in (1e-3, 3e-3, 1e-2, 0.1)] == [3e-4, 1e-3, 3e-3, 3e-2]
+
+
+def test_grid_is_extended_until_the_best_is_inside(bench, tmp_path):
+    conv, _ = bench
+    a = _args(conv, tmp_path, "--methods", "adamw", "--seeds", "2")
+    grid = conv.METHODS["adamw"].grid
+    # The largest lr ends lowest: the grid is not bracketed, so no seed may start yet.
+    for k, lr in enumerate(grid):
+        _fake_run(tmp_path, conv.run_name("adamw", lr, 0), [3.0, 2.0, 1.0 - 0.1 * k])
+    proto = conv.Protocol(a)
+    up = conv.next_lr(max(grid), +1)
+    assert _names(proto.pending()) == [f"train:{conv.run_name('adamw', up, 0)}"]
+    assert proto.best_lr("adamw") is None
+    # The added point is worse: the best is now strictly inside, seed 1 and the eval follow.
+    _fake_run(tmp_path, conv.run_name("adamw", up, 0), [3.0, 2.0, 5.0])
+    best = max(grid)
+    assert proto.best_lr("adamw") == best and proto.grid("adamw").bracketed
+    assert _names(proto.pending()) == [f"train:{conv.run_name('adamw', best, 1)}",
+                                       f"eval:{conv.run_name('adamw', best, 0)}"]
+
+
+def test_extension_stops_after_max_extend_points(bench, tmp_path):
+    conv, _ = bench
+    a = _args(conv, tmp_path, "--methods", "adamw", "--seeds", "1", "--eval-limit", "0")
+    lr, k = min(conv.METHODS["adamw"].grid), 0
+    points = list(conv.METHODS["adamw"].grid)
+    for _ in range(conv.MAX_EXTEND):
+        points.append(lr := conv.next_lr(lr, -1))
+    for k, p in enumerate(sorted(points, reverse=True)):  # smaller is always better
+        _fake_run(tmp_path, conv.run_name("adamw", p, 0), [3.0, 1.0 - 0.01 * k])
+    proto = conv.Protocol(a)
+    g = proto.grid("adamw")
+    assert sorted(g.points) == sorted(points) and not g.bracketed
+    assert proto.best_lr("adamw") == min(points)  # capped: used, and reported unbracketed
+    assert proto.pending() == []
+
+
+def test_ablations_wait_for_the_lr_they_borrow(bench, tmp_path):
+    conv, _ = bench
+    a = _args(conv, tmp_path, "--methods", "adamw,stella,riemannion+loi+rms", "--seeds", "1",
+              "--eval-limit", "0")
+    grid = conv.METHODS["adamw"].grid
+    for lr in grid:  # the second point is best
+        _fake_run(tmp_path, conv.run_name("adamw", lr, 0), [3.0, 1.0 + abs(lr - grid[1])])
+    jobs = _names(conv.Protocol(a).pending())
+    centre = grid[1]
+    assert f"train:{conv.run_name('stella', centre, 0)}" in jobs
+    rms = [conv.run_name("riemannion+loi+rms", lr, 0)
+           for lr in (conv.next_lr(centre, -1), centre, conv.next_lr(centre, +1))]
+    assert sorted(jobs) == sorted([f"train:{n}" for n in rms]
+                                  + [f"train:{conv.run_name('stella', centre, 0)}"])
+
+
+def test_a_diverged_run_ranks_last(bench, tmp_path):
+    conv, _ = bench
+    a = _args(conv, tmp_path, "--methods", "adamw", "--seeds", "1", "--eval-limit", "0")
+    grid = conv.METHODS["adamw"].grid
+    for lr in grid[:-1]:
+        _fake_run(tmp_path, conv.run_name("adamw", lr, 0), [3.0, 2.0 - lr])
+    run = _fake_run(tmp_path, conv.run_name("adamw", grid[-1], 0), [3.0], status="running")
+    (run / "diverged.txt").write_text("training diverged at step 3\n")
+    assert conv.final_eval_loss(run) == float("inf")
+    assert conv.Protocol(a).best_lr("adamw") == grid[-2]
+
+
+def test_steps_to_interpolates_between_evaluations(bench):
+    _, rep = bench
+    c = {"eval_steps": [0, 10, 20, 30], "eval_loss": [3.0, 2.0, 1.0, 0.5]}
+    assert rep.steps_to(c, 1.5) == pytest.approx(15.0)
+    assert rep.steps_to(c, 2.0) == 10.0
+    assert rep.steps_to(c, 0.4) is None
+    assert rep.steps_to(c, 5.0) == 0.0
+
+
+def test_difference_interval(bench):
+    _, rep = bench
+    rng = np.random.default_rng(1)
+    n = 50
+
+    def runs(p_correct: float, seeds: int) -> list[dict]:
+        return [{"docs": {t: dict(enumerate((rng.random(n) < p_correct).astype(float)))
+                          for t in rep.SUITE_TASKS["b"]}} for _ in range(seeds)]
+
+    same = runs(0.5, 1) * 3
+    d = rep.difference(same, same, "b", rng)
+    assert d["diff"] == 0.0 and d["ci95"] == [0.0, 0.0]  # identical answers: no spread at all
+    better, worse = runs(0.9, 3), runs(0.3, 3)
+    d = rep.difference(better, worse, "b", rng)
+    # 60 points apart on 400 documents per method: far outside any resampling noise.
+    assert 50 < d["diff"] < 70 and d["ci95"][0] > 40 and d["ci95"][0] < d["diff"] < d["ci95"][1]
+    close = rep.difference(runs(0.5, 3), runs(0.5, 3), "b", rng)
+    assert close["ci95"][0] < 0 < close["ci95"][1]  # same accuracy: the interval covers 0
+
+
+def test_report_end_to_end(bench, tmp_path):
+    conv, rep = bench
+    a = _args(conv, tmp_path, "--methods", "riemannion+loi,adamw", "--seeds", "2")
+    for m in ("riemannion+loi", "adamw"):
+        grid = conv.METHODS[m].grid
+        for lr in grid:  # the second point is best
+            _fake_run(tmp_path, conv.run_name(m, lr, 0), [3.0, 2.0, 1.5 + abs(lr - grid[1])])
+        _fake_run(tmp_path, conv.run_name(m, grid[1], 1), [3.0, 1.8, 1.6])
+        for s in (0, 1):
+            good = 1 if m == "adamw" else 0
+            _fake_eval(tmp_path / "runs" / conv.run_name(m, grid[1], s),
+                       {t: [good, 1, 0, 1] for t in rep.SUITE_TASKS["b"]}, rep)
+    assert conv.Protocol(a).pending() == []
+    res = rep.report(a)
+    adamw, riem = res["methods"]["adamw"], res["methods"]["riemannion+loi"]
+    assert adamw["seeds"] == riem["seeds"] == 2
+    assert adamw["acc_b"] == [75.0, 0.0] and riem["acc_b"] == [50.0, 0.0]
+    assert res["difference"]["b"]["diff"] == pytest.approx(-25.0)
+    # AdamW reaches its own final loss exactly at its last evaluation; the same curve here.
+    assert [x["ratio"] for x in riem["to_adamw_final"]] == [1.0, 1.0]
+    md = (tmp_path / "convergence.md").read_text()
+    assert "strictly inside" in md and "−25.0" not in md and "-25.0 points" in md
+    for png in ("loss_curves.png", "lr_grids.png", "accuracy.png"):
+        assert (tmp_path / png).stat().st_size > 1000
