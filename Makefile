@@ -44,9 +44,11 @@ bench: assets
 bench-comm: assets
 	OMP_NUM_THREADS=1 $(BIN)/python bench/comm.py --measure
 
-# Resumable: finished runs under bench/results/convergence/runs are kept and skipped.
+# About 9 hours on 2 cores, in pieces: finished runs and evaluations under
+# bench/results/convergence/runs are kept and skipped, a killed run resumes from its checkpoint;
+# HOURS=2.5 stops starting jobs after that long.
 bench-convergence: assets
-	$(BIN)/python bench/convergence.py
+	$(BIN)/python bench/convergence.py $(if $(HOURS),--hours $(HOURS))
 
 # Tensorion vs Muon vs AdamW (ConvNet on digits, MoE experts); resumable like bench-convergence.
 bench-tensorion: assets

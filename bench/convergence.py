@@ -121,6 +121,16 @@ def finished(run: Path) -> bool:
     return info.is_file() and json.loads(info.read_text()).get("status") == "finished"
 
 
+def busy(run: Path) -> bool:
+    """Held by a live training process on this host (another scheduler's job, a manual run)."""
+    try:
+        pid = int(json.loads((run / "run.lock").read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
 def diverged(run: Path) -> bool:
     return (run / "diverged.txt").is_file()
 
@@ -188,6 +198,9 @@ class Protocol:
 
     def done(self, name: str) -> bool:
         return finished(self.run(name)) or diverged(self.run(name))
+
+    def startable(self, job: Job) -> bool:
+        return job.kind != "train" or not busy(self.run(job.name))
 
     def start_grid(self, m: str) -> tuple[float, ...] | None:
         spec = METHODS[m]
@@ -344,13 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // a.lanes)
     while True:
         late = a.hours is not None and time.time() - t0 > 3600 * a.hours
-        ready = [j for j in proto.pending()
-                 if f"{j.kind}:{j.name}" not in running and f"{j.kind}:{j.name}" not in failed]
-        while not late and ready and len(running) < a.lanes:
+        jobs = [j for j in proto.pending() if f"{j.kind}:{j.name}" not in running]
+        ready = [j for j in jobs if proto.startable(j) and f"{j.kind}:{j.name}" not in failed]
+        foreign = len(jobs) - sum(proto.startable(j) for j in jobs)  # lanes others hold
+        while not late and ready and len(running) + foreign < a.lanes:
             job = ready.pop(0)
             running[f"{job.kind}:{job.name}"] = (job, _launch(job, a, threads), time.time())
             log(f"started {job.kind} {job.name}")
-        if not running:
+        if not running and not foreign:
             break
         time.sleep(10)
         for key, (job, proc, started) in list(running.items()):

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -182,3 +184,18 @@ def test_report_end_to_end(bench, tmp_path):
     assert "strictly inside" in md and "−25.0" not in md and "-25.0 points" in md
     for png in ("loss_curves.png", "lr_grids.png", "accuracy.png"):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_a_run_held_by_a_live_process_is_not_started_again(bench, tmp_path):
+    conv, _ = bench
+    a = _args(conv, tmp_path, "--methods", "adamw", "--seeds", "1", "--eval-limit", "0")
+    proto = conv.Protocol(a)
+    job = proto.pending()[0]
+    run = tmp_path / "runs" / job.name
+    run.mkdir(parents=True)
+    (run / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": "here"}))
+    assert conv.busy(run) and not proto.startable(job)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    (run / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "here"}))
+    assert not conv.busy(run) and proto.startable(job)  # a killed run's lock: resume it

@@ -1,0 +1,321 @@
+"""Tables, statistics and plots of the convergence protocol (``bench/convergence.py``).
+
+Reads only the run directories under ``OUT/runs`` (resolved recipe, ``metrics.jsonl``, the eval
+stage's ``eval/results.json`` and per-document samples) and writes, next to them,
+``convergence.json`` (everything the tables show, plus every curve), ``convergence.md``,
+``loss_curves.png``, ``lr_grids.png`` and ``accuracy.png``. Methods whose runs are not finished
+are left out of the tables (the grids show what has run), so a partial protocol reports what it
+has.
+
+    python bench/convergence_report.py              # after (or during) bench/convergence.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from convergence import METHODS, Protocol, diverged, final_eval_loss, finished, parser, run_name
+
+from riemann_zero import io
+
+SUITE_TASKS = {  # protocol -> the eval stage's lm-eval tasks, in the papers' column order
+    "a": ["rz_ll_boolq", "rz_ll_piqa", "rz_ll_social_iqa", "rz_ll_hellaswag",
+          "rz_ll_winogrande", "rz_ll_arc_easy", "rz_ll_arc_challenge", "rz_ll_openbookqa"],
+    "b": ["rz_gen_boolq", "rz_gen_piqa", "rz_gen_social_i_qa", "rz_gen_hellaswag",
+          "rz_gen_winogrande", "rz_gen_arc_easy", "rz_gen_arc_challenge", "rz_gen_openbookqa"],
+}
+SHORT = ["BoolQ", "PIQA", "SIQA", "HellaS", "WinoG", "ARC-e", "ARC-c", "OBQA"]
+BOOTSTRAP = 10_000
+PAIR = ("riemannion+loi", "adamw")
+
+
+def curve(run: Path) -> dict:
+    """Held-out loss and train loss of one run, by optimizer step."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}  # a resume repeats
+    train = {r["step"]: r for r in rows if "loss" in r}
+    return {"eval_steps": sorted(evals), "eval_loss": [evals[s] for s in sorted(evals)],
+            "steps": sorted(train), "loss": [train[s]["loss"] for s in sorted(train)],
+            "step_time_s": statistics.median(r["step_time_s"] for r in train.values())}
+
+
+def steps_to(c: dict, target: float) -> float | None:
+    """First step at which the held-out loss reaches ``target`` (linear between evaluations)."""
+    xs, ys = c["eval_steps"], c["eval_loss"]
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if y <= target:
+            if i == 0:
+                return float(x)
+            x0, y0 = xs[i - 1], ys[i - 1]
+            return x0 + (x - x0) * (y0 - target) / (y0 - y)
+    return None
+
+
+def scores(run: Path) -> dict | None:
+    """Per-task accuracy and per-document correctness of both protocols, base row apart."""
+    res = run / "eval" / "results.json"
+    if not res.is_file():
+        return None
+    suite = json.loads(res.read_text())["suites"]["commonsense"]
+    out: dict = {}
+    for label, model in suite["models"].items():
+        who = "base" if label == "base" else "adapter"
+        acc = {t: model["results"][t]["acc,none"] for p in SUITE_TASKS.values() for t in p
+               if t in model["results"]}
+        docs: dict[str, dict[int, float]] = {}
+        slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:80]
+        samples = run / "eval" / f"samples_commonsense_{slug}.jsonl"
+        for line in samples.read_text().splitlines() if samples.is_file() else []:
+            s = json.loads(line)
+            docs.setdefault(s["task"], {})[int(s["doc_id"])] = float(s["acc"])
+        out[who] = {"acc": acc, "docs": docs, "limit": suite["limit"]}
+    return out
+
+
+def _ms(xs: list[float]) -> list[float]:
+    return [statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0]
+
+
+def protocol_avg(acc: dict, p: str) -> float | None:
+    vals = [acc[t] for t in SUITE_TASKS[p] if t in acc]
+    return 100 * statistics.mean(vals) if len(vals) == len(SUITE_TASKS[p]) else None
+
+
+def difference(left: list[dict], right: list[dict], p: str, rng: np.random.Generator) -> dict:
+    """Mean task-averaged accuracy of ``left`` minus ``right`` (points) with a 95 % percentile
+    interval from a two-level bootstrap: seeds resampled within each method, documents resampled
+    within each task (the same documents for both methods: a paired design)."""
+    tasks = SUITE_TASKS[p]
+    ids = {t: sorted(left[0]["docs"][t]) for t in tasks}
+
+    def cube(runs: list[dict]) -> list[np.ndarray]:  # per task: seeds x documents
+        return [np.array([[r["docs"][t][d] for d in ids[t]] for r in runs]) for t in tasks]
+
+    lc, rc = cube(left), cube(right)
+    point = 100 * np.mean([lc[i].mean() - rc[i].mean() for i in range(len(tasks))])
+    draws = np.zeros(BOOTSTRAP)
+    for i in range(len(tasks)):
+        n = lc[i].shape[1]
+        docs = rng.integers(0, n, size=(BOOTSTRAP, n))
+        ls = rng.integers(0, lc[i].shape[0], size=(BOOTSTRAP, lc[i].shape[0]))
+        rs = rng.integers(0, rc[i].shape[0], size=(BOOTSTRAP, rc[i].shape[0]))
+        # mean over resampled seeds of the mean over resampled documents
+        lm = np.take_along_axis(lc[i][ls], docs[:, None, :], axis=2).mean(axis=(1, 2))
+        rm = np.take_along_axis(rc[i][rs], docs[:, None, :], axis=2).mean(axis=(1, 2))
+        draws += (lm - rm) / len(tasks)
+    lo, hi = np.percentile(100 * draws, [2.5, 97.5])
+    return {"diff": float(point), "ci95": [float(lo), float(hi)], "seeds": [len(left), len(right)],
+            "docs_per_task": len(ids[tasks[0]]), "bootstrap": BOOTSTRAP}
+
+
+def summarise(a) -> dict:
+    proto = Protocol(a)
+    methods = [m for m in a.methods.split(",") if m in METHODS]
+    grids, rows, base = {}, {}, None
+    for m in methods:
+        g = proto.grid(m)
+        if g is not None:
+            grids[m] = {"points": g.points, "best": proto.best_lr(m), "bracketed": g.bracketed,
+                        "final_eval_loss": {f"{lr:g}": (None if diverged(proto.run(run_name(
+                            m, lr, 0))) else final_eval_loss(proto.run(run_name(m, lr, 0))))
+                            for lr in g.points if lr in g.losses}}
+        runs = [proto.run(n) for n in proto.finals(m) if finished(proto.run(n))]
+        if not runs:
+            continue
+        lr = proto.best_lr(m)
+        curves = [curve(r) for r in runs]
+        evals = [scores(r) for r in runs]
+        row = {"lr": lr, "lr_source": METHODS[m].lr_from or "own grid",
+               "runs": [r.name for r in runs], "seeds": len(runs),
+               "eval_loss": _ms([c["eval_loss"][-1] for c in curves]),
+               "step_time_s": statistics.median(c["step_time_s"] for c in curves),
+               "curves": curves}
+        scored = [e["adapter"] for e in evals if e and "adapter" in e]
+        if scored:
+            row["scored_seeds"] = len(scored)
+            for p in SUITE_TASKS:
+                avgs = [protocol_avg(s["acc"], p) for s in scored]
+                if all(v is not None for v in avgs):
+                    row[f"acc_{p}"] = _ms(avgs)
+                    row[f"tasks_{p}"] = {t: _ms([100 * s["acc"][t] for s in scored])
+                                         for t in SUITE_TASKS[p]}
+            row["_scored"] = scored
+        base = base or next((e["base"] for e in evals if e and "base" in e), None)
+        rows[m] = row
+    _convergence_speed(rows)
+    out = {"grids": grids, "methods": rows}
+    if base:
+        out["base"] = {f"acc_{p}": protocol_avg(base["acc"], p) for p in SUITE_TASKS}
+        out["base"].update({f"tasks_{p}": {t: 100 * base["acc"][t] for t in SUITE_TASKS[p]
+                                           if t in base["acc"]} for p in SUITE_TASKS})
+    left, right = (rows.get(m, {}).get("_scored") for m in PAIR)
+    if left and right:
+        rng = np.random.default_rng(0)
+        out["difference"] = {p: difference(left, right, p, rng) for p in SUITE_TASKS
+                             if all(SUITE_TASKS[p][0] in s["docs"] for s in left + right)}
+    for row in rows.values():
+        row.pop("_scored", None)
+    return out
+
+
+def _convergence_speed(rows: dict) -> None:
+    """Steps to reach AdamW's final held-out loss of the same seed (same held-out examples), and
+    the ratio to AdamW's own steps; None where a run never gets there."""
+    if "adamw" not in rows:
+        return
+    adamw = {int(n.rsplit("_s", 1)[1]): c for n, c in zip(rows["adamw"]["runs"],
+                                                         rows["adamw"]["curves"])}
+    for row in rows.values():
+        per_seed = []
+        for name, c in zip(row["runs"], row["curves"]):
+            ref = adamw.get(int(name.rsplit("_s", 1)[1]))
+            if ref is None:
+                continue
+            target = ref["eval_loss"][-1]
+            mine, theirs = steps_to(c, target), steps_to(ref, target)
+            per_seed.append({"seed": int(name.rsplit("_s", 1)[1]), "target": target,
+                             "steps": mine, "adamw_steps": theirs,
+                             "ratio": None if mine is None else mine / theirs})
+        row["to_adamw_final"] = per_seed
+
+
+def _f(ms: list[float] | None, digits: int = 1) -> str:
+    return "–" if not ms else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def table(a, res: dict) -> str:
+    lines = [f"SmolLM2-135M (`{a.model}`, all layers), commonsense mixture, LoRA r={a.rank} on "
+             f"the 7 linear modules, {a.steps} steps × {a.batch} examples (≤ {a.max_length} "
+             f"tokens), linear schedule with 10 % warm-up, fp32, one process. Held-out loss: "
+             f"{a.eval_loss_examples} commonsense test examples (chosen by the seed), every "
+             f"{a.eval_every} steps. Accuracy: the eval stage on {a.eval_limit} documents per "
+             "task × 8 tasks, protocol (a) lm-eval log-likelihood and protocol (b) LLM-Adapters "
+             "generative; mean ± std over seeds.", "", "Learning-rate grids (seed 0, final "
+             "held-out loss; **bold**: the chosen lr):", "",
+             "| method | grid | final held-out loss per lr | best strictly inside |",
+             "|---|---|---|---|"]
+    for m, g in res["grids"].items():
+        cells = []
+        for lr in g["points"]:
+            v = g["final_eval_loss"].get(f"{lr:g}", "pending")
+            txt = f"{lr:g}: " + ("diverged" if v is None else v if isinstance(v, str)
+                                 else f"{v:.4f}")
+            cells.append(f"**{txt}**" if lr == g["best"] else txt)
+        inside = "yes" if g["bracketed"] else ("no" if g["best"] is not None else "pending")
+        lines.append(f"| {m} | {len(g['points'])} points | {', '.join(cells)} | {inside} |")
+    lines += ["", "| method | lr (source) | seeds | final held-out loss | steps to AdamW's final "
+              "loss (ratio to AdamW) | protocol (a) avg % | protocol (b) avg % |",
+              "|---|---|---|---|---|---|---|"]
+    for m, r in res["methods"].items():
+        reach = r.get("to_adamw_final", [])
+        got = [x["steps"] for x in reach if x["steps"] is not None]
+        ratios = [x["ratio"] for x in reach if x["ratio"] is not None]
+        speed = "–" if not reach else (
+            f"{statistics.mean(got):.0f} ({statistics.mean(ratios):.2f}×)"
+            + ("" if len(got) == len(reach) else f"; not reached in {len(reach) - len(got)} of "
+               f"{len(reach)} seeds") if got else f"not reached ({len(reach)} seeds)")
+        lines.append(f"| {m} | {r['lr']:g} ({r['lr_source']}) | {r['seeds']} | "
+                     f"{_f(r['eval_loss'], 4)} | {speed} | {_f(r.get('acc_a'))} | "
+                     f"{_f(r.get('acc_b'))} |")
+    b = res.get("base", {})
+    if b.get("acc_a") is not None and b.get("acc_b") is not None:
+        lines.append(f"| base model (no adapter) | – | – | – | – | {b['acc_a']:.1f} | "
+                     f"{b['acc_b']:.1f} |")
+    for p, name in (("a", "protocol (a)"), ("b", "protocol (b)")):
+        scored = {m: r for m, r in res["methods"].items() if f"tasks_{p}" in r}
+        if not scored:
+            continue
+        lines += ["", f"Per task, {name}, accuracy % (mean ± std over seeds):", "",
+                  "| method | " + " | ".join(SHORT) + " | avg |",
+                  "|---|" + "---|" * (len(SHORT) + 1)]
+        for m, r in scored.items():
+            lines.append(f"| {m} | " + " | ".join(_f(r[f"tasks_{p}"][t]) for t in SUITE_TASKS[p])
+                         + f" | {_f(r[f'acc_{p}'])} |")
+    for p, d in res.get("difference", {}).items():
+        lo, hi = d["ci95"]
+        lines += ["", f"Riemannion + LOI − AdamW, protocol ({p}) average: {d['diff']:+.1f} points, "
+                  f"95 % interval [{lo:+.1f}, {hi:+.1f}] ({d['seeds'][0]} and {d['seeds'][1]} "
+                  f"seeds, {d['docs_per_task']} documents per task; bootstrap over seeds and "
+                  "documents, paired by document)" + ("; the interval includes 0." if lo <= 0 <= hi
+                                                      else ".")]
+    return "\n".join(lines) + "\n"
+
+
+def plots(a, res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(a.out)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for m, r in res["methods"].items():
+        steps = r["curves"][0]["eval_steps"]
+        ys = np.array([c["eval_loss"] for c in r["curves"] if c["eval_steps"] == steps])
+        (line,) = ax.plot(steps, ys.mean(0), lw=2 if m in PAIR else 1,
+                          ls="-" if m in PAIR else "--", label=f"{m} (lr {r['lr']:g}, "
+                          f"{len(ys)} seed{'s' if len(ys) > 1 else ''})")
+        if len(ys) > 1:
+            ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="optimizer step", ylabel="held-out loss (band: min–max over seeds)",
+           title=f"SmolLM2-135M, commonsense, {a.steps} steps × {a.batch}", yscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m, g in res["grids"].items():
+        pts = [(lr, v) for lr in g["points"]
+               if isinstance(v := g["final_eval_loss"].get(f"{lr:g}"), float)]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=m)
+    ax.set(xscale="log", xlabel="learning rate", ylabel="final held-out loss (seed 0)",
+           title="learning-rate grids")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "lr_grids.png", dpi=120)
+    plt.close(fig)
+
+    scored = {m: r for m, r in res["methods"].items() if "acc_b" in r and "acc_a" in r}
+    if scored:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        x = np.arange(len(scored))
+        for k, p in enumerate("ab"):
+            ax.bar(x + (k - 0.5) * 0.38, [r[f"acc_{p}"][0] for r in scored.values()], 0.38,
+                   yerr=[r[f"acc_{p}"][1] for r in scored.values()], capsize=3,
+                   label=f"protocol ({p})")
+            if "base" in res and res["base"].get(f"acc_{p}"):
+                ax.axhline(res["base"][f"acc_{p}"], ls=":", color=f"C{k}",
+                           label=f"base model, ({p})")
+        ax.set_xticks(x, list(scored), rotation=20)
+        ax.set(ylabel="average accuracy, % (± std over seeds)",
+               title=f"commonsense, {a.eval_limit} documents per task")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy.png", dpi=120)
+        plt.close(fig)
+
+
+def report(a) -> dict:
+    res = summarise(a)
+    res.update(args=vars(a), versions={**io.versions(("torch", "transformers", "peft",
+                                                      "deepspeed", "lm_eval")),
+                                       "python": platform.python_version(),
+                                       "machine": platform.machine(), "cpus": os.cpu_count()})
+    io.write_json(Path(a.out) / "convergence.json", res, indent=1)
+    text = table(a, res)
+    (Path(a.out) / "convergence.md").write_text(text)
+    plots(a, res)
+    print(text)
+    return res
+
+
+if __name__ == "__main__":
+    report(parser().parse_args(sys.argv[1:]))
