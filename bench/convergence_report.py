@@ -68,13 +68,16 @@ def scores(run: Path) -> dict | None:
         who = "base" if label == "base" else "adapter"
         acc = {t: model["results"][t]["acc,none"] for p in SUITE_TASKS.values() for t in p
                if t in model["results"]}
+        answered = [model["results"][t]["answered,none"] for t in SUITE_TASKS["b"]
+                    if "answered,none" in model["results"].get(t, {})]
         docs: dict[str, dict[int, float]] = {}
         slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:80]
         samples = run / "eval" / f"samples_commonsense_{slug}.jsonl"
         for line in samples.read_text().splitlines() if samples.is_file() else []:
             s = json.loads(line)
             docs.setdefault(s["task"], {})[int(s["doc_id"])] = float(s["acc"])
-        out[who] = {"acc": acc, "docs": docs, "limit": suite["limit"]}
+        out[who] = {"acc": acc, "docs": docs, "limit": suite["limit"],
+                    "answered_b": 100 * statistics.mean(answered) if answered else None}
     return out
 
 
@@ -145,6 +148,8 @@ def summarise(a) -> dict:
                     row[f"acc_{p}"] = _ms(avgs)
                     row[f"tasks_{p}"] = {t: _ms([100 * s["acc"][t] for s in scored])
                                          for t in SUITE_TASKS[p]}
+            if all(s["answered_b"] is not None for s in scored):  # an answer was extracted
+                row["answered_b"] = _ms([s["answered_b"] for s in scored])
             row["_scored"] = scored
         base = base or next((e["base"] for e in evals if e and "base" in e), None)
         rows[m] = row
@@ -210,8 +215,8 @@ def table(a, res: dict) -> str:
         inside = "yes" if g["bracketed"] else ("no" if g["best"] is not None else "pending")
         lines.append(f"| {m} | {len(g['points'])} points | {', '.join(cells)} | {inside} |")
     lines += ["", "| method | lr (source) | seeds | final held-out loss | steps to AdamW's final "
-              "loss (ratio to AdamW) | protocol (a) avg % | protocol (b) avg % |",
-              "|---|---|---|---|---|---|---|"]
+              "loss (ratio to AdamW) | protocol (a) avg % | protocol (b) avg % | (b) answered % |",
+              "|---|---|---|---|---|---|---|---|"]
     for m, r in res["methods"].items():
         reach = r.get("to_adamw_final", [])
         got = [x["steps"] for x in reach if x["steps"] is not None]
@@ -222,11 +227,11 @@ def table(a, res: dict) -> str:
                f"{len(reach)} seeds") if got else f"not reached ({len(reach)} seeds)")
         lines.append(f"| {m} | {r['lr']:g} ({r['lr_source']}) | {r['seeds']} | "
                      f"{_f(r['eval_loss'], 4)} | {speed} | {_f(r.get('acc_a'))} | "
-                     f"{_f(r.get('acc_b'))} |")
+                     f"{_f(r.get('acc_b'))} | {_f(r.get('answered_b'))} |")
     b = res.get("base", {})
     if b.get("acc_a") is not None and b.get("acc_b") is not None:
         lines.append(f"| base model (no adapter) | – | – | – | – | {b['acc_a']:.1f} | "
-                     f"{b['acc_b']:.1f} |")
+                     f"{b['acc_b']:.1f} | – |")
     for p, name in (("a", "protocol (a)"), ("b", "protocol (b)")):
         scored = {m: r for m, r in res["methods"].items() if f"tasks_{p}" in r}
         if not scored:

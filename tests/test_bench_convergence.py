@@ -49,6 +49,8 @@ def _fake_eval(run: Path, correct: dict[str, list[int]], rep, limit: int = 4) ->
     (run / "eval").mkdir()
     tasks = [t for p in rep.SUITE_TASKS.values() for t in p]
     results = {t: {"acc,none": float(np.mean(correct.get(t, [0] * limit)))} for t in tasks}
+    for t in rep.SUITE_TASKS["b"]:  # protocol (b) also reports whether an answer was extracted
+        results[t]["answered,none"] = 0.75
     suite = {"limit": limit, "models": {run.name: {"results": results}}}
     (run / "eval" / "results.json").write_text(json.dumps({"suites": {"commonsense": suite}}))
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in run.name)
@@ -177,6 +179,7 @@ def test_report_end_to_end(bench, tmp_path):
     adamw, riem = res["methods"]["adamw"], res["methods"]["riemannion+loi"]
     assert adamw["seeds"] == riem["seeds"] == 2
     assert adamw["acc_b"] == [75.0, 0.0] and riem["acc_b"] == [50.0, 0.0]
+    assert adamw["answered_b"] == [75.0, 0.0] and "answered_b" in riem
     assert res["difference"]["b"]["diff"] == pytest.approx(-25.0)
     # AdamW reaches its own final loss exactly at its last evaluation; the same curve here.
     assert [x["ratio"] for x in riem["to_adamw_final"]] == [1.0, 1.0]
