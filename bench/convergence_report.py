@@ -20,7 +20,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from convergence import METHODS, Protocol, diverged, final_eval_loss, finished, parser, run_name
+from convergence import (
+    METHODS,
+    Protocol,
+    diverged,
+    final_eval_loss,
+    finished,
+    parser,
+    run_name,
+    tail_mean,
+)
 
 from riemann_zero import io
 
@@ -136,7 +145,7 @@ def summarise(a) -> dict:
         evals = [scores(r) for r in runs]
         row = {"lr": lr, "lr_source": METHODS[m].lr_from or "own grid",
                "runs": [r.name for r in runs], "seeds": len(runs),
-               "eval_loss": _ms([c["eval_loss"][-1] for c in curves]),
+               "eval_loss": _ms([tail_mean(c["eval_steps"], c["eval_loss"]) for c in curves]),
                "step_time_s": statistics.median(c["step_time_s"] for c in curves),
                "curves": curves}
         scored = [e["adapter"] for e in evals if e and "adapter" in e]
@@ -170,8 +179,8 @@ def summarise(a) -> dict:
 
 
 def _convergence_speed(rows: dict) -> None:
-    """Steps to reach AdamW's final held-out loss of the same seed (same held-out examples), and
-    the ratio to AdamW's own steps; None where a run never gets there."""
+    """Steps to reach AdamW's final held-out loss (``tail_mean``) of the same seed (same
+    held-out examples), and the ratio to AdamW's own steps; None where a run never gets there."""
     if "adamw" not in rows:
         return
     adamw = {int(n.rsplit("_s", 1)[1]): c for n, c in zip(rows["adamw"]["runs"],
@@ -182,7 +191,7 @@ def _convergence_speed(rows: dict) -> None:
             ref = adamw.get(int(name.rsplit("_s", 1)[1]))
             if ref is None:
                 continue
-            target = ref["eval_loss"][-1]
+            target = tail_mean(ref["eval_steps"], ref["eval_loss"])
             mine, theirs = steps_to(c, target), steps_to(ref, target)
             per_seed.append({"seed": int(name.rsplit("_s", 1)[1]), "target": target,
                              "steps": mine, "adamw_steps": theirs,
@@ -199,7 +208,8 @@ def table(a, res: dict) -> str:
              f"the 7 linear modules, {a.steps} steps × {a.batch} examples (≤ {a.max_length} "
              f"tokens), linear schedule with 10 % warm-up, fp32, one process. Held-out loss: "
              f"{a.eval_loss_examples} commonsense test examples (chosen by the seed), every "
-             f"{a.eval_every} steps. Accuracy: the eval stage on {a.eval_limit} documents per "
+             f"{a.eval_every} steps; \"final\" is the mean of the evaluations over the last "
+             f"30 % of the steps. Accuracy: the eval stage on {a.eval_limit} documents per "
              "task × 8 tasks, protocol (a) lm-eval log-likelihood and protocol (b) LLM-Adapters "
              "generative; mean ± std over seeds.", "", "Learning-rate grids (seed 0, final "
              "held-out loss; **bold**: the chosen lr):", "",

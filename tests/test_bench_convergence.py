@@ -202,3 +202,10 @@ def test_a_run_held_by_a_live_process_is_not_started_again(bench, tmp_path):
                           capture_output=True, text=True, check=True)
     (run / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "here"}))
     assert not conv.busy(run) and proto.startable(job)  # a killed run's lock: resume it
+
+
+def test_final_loss_is_the_mean_of_the_last_30_percent(bench, tmp_path):
+    conv, _ = bench
+    losses = [3.0, 2.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]  # steps 0, 10, ..., 100
+    run = _fake_run(tmp_path, "r", losses)
+    assert conv.final_eval_loss(run) == pytest.approx(np.mean([0.5, 0.4, 0.3, 0.2]))  # 70..100
