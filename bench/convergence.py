@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -125,13 +126,15 @@ def finished(run: Path) -> bool:
 
 
 def busy(run: Path) -> bool:
-    """Held by a live training process on this host (another scheduler's job, a manual run)."""
+    """Held by a live training process on this host (another scheduler's job, a manual run).
+    The lock's pid must still be a ``riemann_zero.train`` process: after a reboot a killed run's
+    stale pid may belong to anything else."""
     try:
-        pid = int(json.loads((run / "run.lock").read_text())["pid"])
-        os.kill(pid, 0)
+        lock = json.loads((run / "run.lock").read_text())
+        cmdline = Path(f"/proc/{int(lock['pid'])}/cmdline").read_bytes()
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return True
+    return lock.get("host") == socket.gethostname() and b"riemann_zero.train" in cmdline
 
 
 def diverged(run: Path) -> bool:

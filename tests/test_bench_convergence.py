@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -196,12 +197,21 @@ def test_a_run_held_by_a_live_process_is_not_started_again(bench, tmp_path):
     job = proto.pending()[0]
     run = tmp_path / "runs" / job.name
     run.mkdir(parents=True)
-    (run / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": "here"}))
-    assert conv.busy(run) and not proto.startable(job)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
-    (run / "run.lock").write_text(json.dumps({"pid": int(dead.stdout), "host": "here"}))
+    host = socket.gethostname()
+    live = subprocess.Popen([sys.executable, "-c", "import time; print(1, flush=True); "
+                             "time.sleep(60)", "riemann_zero.train"],  # a stand-in training run
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        live.stdout.readline()  # started: its command line is readable from now on
+        (run / "run.lock").write_text(json.dumps({"pid": live.pid, "host": host}))
+        assert conv.busy(run) and not proto.startable(job)
+    finally:
+        live.kill()
+        live.wait()
     assert not conv.busy(run) and proto.startable(job)  # a killed run's lock: resume it
+    # a live process that is not a training run (a reused pid after a reboot): not busy
+    (run / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": host}))
+    assert not conv.busy(run)
 
 
 def test_final_loss_is_the_mean_of_the_last_30_percent(bench, tmp_path):
