@@ -136,7 +136,9 @@ def summarise(a) -> dict:
             grids[m] = {"points": g.points, "best": proto.best_lr(m), "bracketed": g.bracketed,
                         "final_eval_loss": {f"{lr:g}": (None if diverged(proto.run(run_name(
                             m, lr, 0))) else final_eval_loss(proto.run(run_name(m, lr, 0))))
-                            for lr in g.points if lr in g.losses}}
+                            for lr in g.points if lr in g.losses},
+                        "curves": {f"{lr:g}": curve(proto.run(run_name(m, lr, 0)))
+                                   for lr in g.points if finished(proto.run(run_name(m, lr, 0)))}}
         runs = [proto.run(n) for n in proto.finals(m) if finished(proto.run(n))]
         if not runs:
             continue
@@ -285,15 +287,23 @@ def plots(a, res: dict) -> None:
     fig.savefig(out / "loss_curves.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, g in res["grids"].items():
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for k, (m, g) in enumerate(res["grids"].items()):
         pts = [(lr, v) for lr in g["points"]
                if isinstance(v := g["final_eval_loss"].get(f"{lr:g}"), float)]
         if pts:
-            ax.plot(*zip(*pts), "o-", label=m)
-    ax.set(xscale="log", xlabel="learning rate", ylabel="final held-out loss (seed 0)",
+            ax.plot(*zip(*pts), "o-", color=f"C{k}", label=m)
+        for j, (lr, c) in enumerate(sorted(g["curves"].items(), key=lambda x: float(x[0]))):
+            right.plot(c["eval_steps"], c["eval_loss"], color=f"C{k}",
+                       alpha=0.35 + 0.65 * j / max(1, len(g["curves"]) - 1),
+                       label=f"{m} lr {lr}")
+    ax.set(xscale="log", xlabel="learning rate",
+           ylabel="final held-out loss (seed 0; mean of the last 30 % of steps)",
            title="learning-rate grids")
     ax.legend(fontsize=8)
+    right.set(xlabel="optimizer step", ylabel="held-out loss (seed 0)", yscale="log",
+              title="every grid run (darker: larger lr)")
+    right.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(out / "lr_grids.png", dpi=120)
     plt.close(fig)
