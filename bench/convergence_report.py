@@ -226,6 +226,8 @@ def table(a, res: dict) -> str:
             cells.append(f"**{txt}**" if lr == g["best"] else txt)
         inside = "yes" if g["bracketed"] else ("no" if g["best"] is not None else "pending")
         lines.append(f"| {m} | {len(g['points'])} points | {', '.join(cells)} | {inside} |")
+    if not res["methods"]:  # the grids are still running: nothing chosen, nothing scored
+        return "\n".join(lines) + "\n"
     lines += ["", "| method | lr (source) | seeds | final held-out loss | steps to AdamW's final "
               "loss (ratio to AdamW) | protocol (a) avg % | protocol (b) avg % | (b) answered % |",
               "|---|---|---|---|---|---|---|---|"]
@@ -271,6 +273,15 @@ def plots(a, res: dict) -> None:
     import matplotlib.pyplot as plt
 
     out = Path(a.out)
+    for stale in ("loss_curves.png", "accuracy.png"):  # written again below if there is data
+        (out / stale).unlink(missing_ok=True)
+    if res["methods"]:
+        _loss_curves(a, res, plt)
+    _grids(res, plt, out)
+    _accuracy(a, res, plt, out)
+
+
+def _loss_curves(a, res: dict, plt) -> None:
     fig, ax = plt.subplots(figsize=(8, 5))
     for m, r in res["methods"].items():
         steps = r["curves"][0]["eval_steps"]
@@ -284,9 +295,11 @@ def plots(a, res: dict) -> None:
            title=f"SmolLM2-135M, commonsense, {a.steps} steps × {a.batch}", yscale="log")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=120)
+    fig.savefig(Path(a.out) / "loss_curves.png", dpi=120)
     plt.close(fig)
 
+
+def _grids(res: dict, plt, out: Path) -> None:
     fig, (ax, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for k, (m, g) in enumerate(res["grids"].items()):
         pts = [(lr, v) for lr in g["points"]
@@ -308,6 +321,8 @@ def plots(a, res: dict) -> None:
     fig.savefig(out / "lr_grids.png", dpi=120)
     plt.close(fig)
 
+
+def _accuracy(a, res: dict, plt, out: Path) -> None:
     scored = {m: r for m, r in res["methods"].items() if "acc_b" in r and "acc_a" in r}
     if scored:
         fig, ax = plt.subplots(figsize=(9, 4.5))
