@@ -286,7 +286,7 @@ class Protocol:
                 jobs += [self.train_job(m, pts[i], 0) for m, pts in order.items()
                          if i < len(pts) and not self.done(run_name(m, pts[i], 0))]
             for m in group:
-                jobs += [self.train_job(m, *_parse(name)) for name in self.finals(m)
+                jobs += [self.train_job(m, *parse_run(name)) for name in self.finals(m)
                          if not self.done(name)]
         if self.a.eval_limit:
             for m in self.methods:
@@ -306,7 +306,8 @@ def _outside(points: list[float], start: tuple[float, ...]) -> int:
     return sum(p < min(start) or p > max(start) for p in points)
 
 
-def _parse(name: str) -> tuple[float, int]:
+def parse_run(name: str) -> tuple[float, int]:
+    """``run_name``'s inverse: (lr, seed)."""
     stem, seed = name.rsplit("_s", 1)
     return float(stem.rsplit("_lr", 1)[1]), int(seed)
 

@@ -26,6 +26,7 @@ from convergence import (
     diverged,
     final_eval_loss,
     finished,
+    parse_run,
     parser,
     run_name,
     tail_mean,
@@ -80,9 +81,10 @@ def scores(run: Path) -> dict | None:
         answered = [model["results"][t]["answered,none"] for t in SUITE_TASKS["b"]
                     if "answered,none" in model["results"].get(t, {})]
         docs: dict[str, dict[int, float]] = {}
-        slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label)[:80]
-        samples = run / "eval" / f"samples_commonsense_{slug}.jsonl"
-        for line in samples.read_text().splitlines() if samples.is_file() else []:
+        # the eval stage writes one samples file per model: the base's, and the adapter's
+        files = [f for f in (run / "eval").glob("samples_commonsense_*.jsonl")
+                 if (f.stem == "samples_commonsense_base") == (who == "base")]
+        for line in files[0].read_text().splitlines() if files else []:
             s = json.loads(line)
             docs.setdefault(s["task"], {})[int(s["doc_id"])] = float(s["acc"])
         out[who] = {"acc": acc, "docs": docs, "limit": suite["limit"],
@@ -185,17 +187,17 @@ def _convergence_speed(rows: dict) -> None:
     held-out examples), and the ratio to AdamW's own steps; None where a run never gets there."""
     if "adamw" not in rows:
         return
-    adamw = {int(n.rsplit("_s", 1)[1]): c for n, c in zip(rows["adamw"]["runs"],
-                                                         rows["adamw"]["curves"])}
+    adamw = {parse_run(n)[1]: c for n, c in zip(rows["adamw"]["runs"], rows["adamw"]["curves"])}
     for row in rows.values():
         per_seed = []
         for name, c in zip(row["runs"], row["curves"]):
-            ref = adamw.get(int(name.rsplit("_s", 1)[1]))
+            seed = parse_run(name)[1]
+            ref = adamw.get(seed)
             if ref is None:
                 continue
             target = tail_mean(ref["eval_steps"], ref["eval_loss"])
             mine, theirs = steps_to(c, target), steps_to(ref, target)
-            per_seed.append({"seed": int(name.rsplit("_s", 1)[1]), "target": target,
+            per_seed.append({"seed": seed, "target": target,
                              "steps": mine, "adamw_steps": theirs,
                              "ratio": None if mine is None else mine / theirs})
         row["to_adamw_final"] = per_seed
