@@ -403,7 +403,8 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
     stage = int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise RecipeError(f"deepspeed.zero_optimization.stage must be 0..3, but got {stage}")
-    bf16 = bool((rc.deepspeed.get("bf16", {}) or {}).get("enabled", False))
+    # Only a real `true` counts here; any other value is left to DeepSpeed's schema check below.
+    bf16 = (rc.deepspeed.get("bf16", {}) or {}).get("enabled", False) is True
     problem = registry.engine_error(rc.optimizer.name, rc.engine, stage, bf16)
     if problem is not None:
         raise RecipeError(problem)
