@@ -44,8 +44,8 @@ bench: assets
 bench-comm: assets
 	OMP_NUM_THREADS=1 $(BIN)/python bench/comm.py --measure
 
-# About 9 hours on 2 cores, in pieces: finished runs and evaluations under
-# bench/results/convergence/runs are kept and skipped, a killed run resumes from its checkpoint;
+# About 9 hours on 2 cores, in pieces: finished runs and evaluations leave records (committed) in
+# bench/results/convergence/records and are skipped, a killed run resumes from its checkpoint;
 # HOURS=2.5 stops starting jobs after that long.
 bench-convergence: assets
 	$(BIN)/python bench/convergence.py $(if $(HOURS),--hours $(HOURS))

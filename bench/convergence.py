@@ -19,8 +19,11 @@ For a given seed every method sees the same examples in the same order. The prot
 ``--lanes`` runs that many jobs at once (one thread each); jobs start as soon as what they need
 is finished, in the order above. A killed run resumes from its last checkpoint (``--save-every``)
 and a finished run or evaluation is never redone, so the protocol runs in pieces:
-``--hours`` stops starting jobs after that long. ``bench/convergence_report.py`` (also called at
-the end) turns the runs into ``OUT/convergence.json``, ``convergence.md`` and the plots.
+``--hours`` stops starting jobs after that long. What the protocol decides from is the per-run
+records in ``OUT/records`` (``convergence_records.py``), kept in git: a piece on a fresh clone
+carries on from them, training again only a run whose adapter an evaluation still needs.
+``bench/convergence_report.py`` (also called at the end) turns the records into
+``OUT/convergence.json``, ``convergence.md`` and the plots.
 
     python bench/convergence.py --hours 2.5     # a piece; rerun until it reports 0 jobs left
     python bench/convergence_report.py          # tables and plots from the finished runs
@@ -39,6 +42,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from convergence_records import Records
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "smollm2_commonsense.yaml"
@@ -120,7 +125,7 @@ def run_name(method: str, lr: float, seed: int) -> str:
 
 
 def finished(run: Path) -> bool:
-    """A run the driver completed (an interrupted one has metrics but no finished run.json)."""
+    """A run directory the driver completed (an interrupted one has no finished run.json)."""
     info = run / "run.json"
     return info.is_file() and json.loads(info.read_text()).get("status") == "finished"
 
@@ -137,10 +142,6 @@ def busy(run: Path) -> bool:
     return lock.get("host") == socket.gethostname() and b"riemann_zero.train" in cmdline
 
 
-def diverged(run: Path) -> bool:
-    return (run / "diverged.txt").is_file()
-
-
 def tail_mean(steps: list[int], losses: list[float]) -> float:
     """Mean held-out loss over the last 30 % of the steps (the evaluations at 110-150 of 150):
     one evaluation on 48 examples moves by ~0.01-0.02 from one to the next once a run has
@@ -148,21 +149,12 @@ def tail_mean(steps: list[int], losses: list[float]) -> float:
     return statistics.mean(x for s, x in zip(steps, losses) if s >= TAIL * steps[-1])
 
 
-def final_eval_loss(run: Path) -> float:
-    """A finished run's final held-out loss (``tail_mean``); +inf for a run that diverged."""
-    if diverged(run):
+def final_eval_loss(record: dict) -> float:
+    """A run record's final held-out loss (``tail_mean``); +inf for a run that diverged."""
+    if record["status"] == "diverged":
         return float("inf")
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}  # a resume repeats
-    return tail_mean(sorted(evals), [evals[s] for s in sorted(evals)])
-
-
-def evaluated(run: Path, a) -> bool:
-    res = run / "eval" / "results.json"
-    if not res.is_file():
-        return False
-    suite = json.loads(res.read_text()).get("suites", {}).get("commonsense", {})
-    return bool(suite) and suite.get("limit") == a.eval_limit
+    c = record["curve"]
+    return tail_mean(c["eval_steps"], c["eval_loss"])
 
 
 class Grid:
@@ -200,18 +192,26 @@ class Grid:
 
 
 class Protocol:
-    """What has run and what may run next, read from the run directories only."""
+    """What has run and what may run next, read from the run records only."""
 
     def __init__(self, a):
         self.a = a
         self.root = Path(a.out) / "runs"
+        self.records = Records(Path(a.out))
         self.methods = a.methods.split(",")
 
     def run(self, name: str) -> Path:
         return self.root / name
 
     def done(self, name: str) -> bool:
-        return finished(self.run(name)) or diverged(self.run(name))
+        return self.records.train(name) is not None
+
+    def loss(self, name: str) -> float:
+        return final_eval_loss(self.records.train(name))
+
+    def evaluated(self, name: str) -> bool:
+        rec = self.records.eval(name)
+        return rec is not None and rec["scores"]["adapter"]["limit"] == self.a.eval_limit
 
     def startable(self, job: Job) -> bool:
         return job.kind != "train" or not busy(self.run(job.name))
@@ -233,7 +233,7 @@ class Protocol:
             return None
         points = list(start)
         while True:
-            g = Grid(points, {lr: final_eval_loss(self.run(run_name(m, lr, 0))) for lr in points
+            g = Grid(points, {lr: self.loss(run_name(m, lr, 0)) for lr in points
                               if self.done(run_name(m, lr, 0))})
             ext = g.extension()
             if ext is None or _outside(points, start) >= MAX_EXTEND:
@@ -275,7 +275,9 @@ class Protocol:
 
     def pending(self) -> list[Job]:
         """Jobs whose inputs are finished and which are not, in protocol order: the primary
-        grids (interleaved, middle points first), their seeds, the ablations, the eval stage."""
+        grids (interleaved, middle points first), their seeds, the ablations, the eval stage
+        (preceded by training the run again where its adapter is not on this machine)."""
+        self.records.sync()
         primary = [m for m in self.methods if METHODS[m].primary]
         jobs: list[Job] = []
         for group in (primary, [m for m in self.methods if m not in primary]):
@@ -291,10 +293,15 @@ class Protocol:
         if self.a.eval_limit:
             for m in self.methods:
                 for name in self.finals(m):
-                    run = self.run(name)
-                    if finished(run) and not evaluated(run, self.a):
-                        base = m == "adamw" and name.endswith("_s0")  # the base model's row
-                        jobs.append(Job(name, "eval", () if base else ("--no-base",)))
+                    if not self.done(name) or self.evaluated(name):
+                        continue
+                    if self.records.train(name)["status"] != "finished":
+                        continue  # diverged: no adapter to score
+                    if not finished(self.run(name)):  # recorded elsewhere: train it again
+                        jobs.append(self.train_job(m, *parse_run(name)))
+                        continue
+                    base = m == "adamw" and name.endswith("_s0")  # the base model's row
+                    jobs.append(Job(name, "eval", () if base else ("--no-base",)))
         return jobs
 
 

@@ -1,7 +1,7 @@
 """Tables, statistics and plots of the convergence protocol (``bench/convergence.py``).
 
-Reads only the run directories under ``OUT/runs`` (resolved recipe, ``metrics.jsonl``, the eval
-stage's ``eval/results.json`` and per-document samples) and writes, next to them,
+Reads only the per-run records under ``OUT/records`` (``convergence_records.py``: resolved
+recipe, loss curves, the eval stage's accuracies and per-document correctness) and writes,
 ``convergence.json`` (everything the tables show, plus every curve), ``convergence.md``,
 ``loss_curves.png``, ``lr_grids.png`` and ``accuracy.png``. Methods whose runs are not finished
 are left out of the tables (the grids show what has run), so a partial protocol reports what it
@@ -12,7 +12,6 @@ has.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -20,17 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from convergence import (
-    METHODS,
-    Protocol,
-    diverged,
-    final_eval_loss,
-    finished,
-    parse_run,
-    parser,
-    run_name,
-    tail_mean,
-)
+from convergence import METHODS, Protocol, final_eval_loss, parse_run, parser, run_name, tail_mean
 
 from riemann_zero import io
 
@@ -45,16 +34,6 @@ BOOTSTRAP = 10_000
 PAIR = ("riemannion+loi", "adamw")
 
 
-def curve(run: Path) -> dict:
-    """Held-out loss and train loss of one run, by optimizer step."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    evals = {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}  # a resume repeats
-    train = {r["step"]: r for r in rows if "loss" in r}
-    return {"eval_steps": sorted(evals), "eval_loss": [evals[s] for s in sorted(evals)],
-            "steps": sorted(train), "loss": [train[s]["loss"] for s in sorted(train)],
-            "step_time_s": statistics.median(r["step_time_s"] for r in train.values())}
-
-
 def steps_to(c: dict, target: float) -> float | None:
     """First step at which the held-out loss reaches ``target`` (linear between evaluations)."""
     xs, ys = c["eval_steps"], c["eval_loss"]
@@ -65,31 +44,6 @@ def steps_to(c: dict, target: float) -> float | None:
             x0, y0 = xs[i - 1], ys[i - 1]
             return x0 + (x - x0) * (y0 - target) / (y0 - y)
     return None
-
-
-def scores(run: Path) -> dict | None:
-    """Per-task accuracy and per-document correctness of both protocols, base row apart."""
-    res = run / "eval" / "results.json"
-    if not res.is_file():
-        return None
-    suite = json.loads(res.read_text())["suites"]["commonsense"]
-    out: dict = {}
-    for label, model in suite["models"].items():
-        who = "base" if label == "base" else "adapter"
-        acc = {t: model["results"][t]["acc,none"] for p in SUITE_TASKS.values() for t in p
-               if t in model["results"]}
-        answered = [model["results"][t]["answered,none"] for t in SUITE_TASKS["b"]
-                    if "answered,none" in model["results"].get(t, {})]
-        docs: dict[str, dict[int, float]] = {}
-        # the eval stage writes one samples file per model: the base's, and the adapter's
-        files = [f for f in (run / "eval").glob("samples_commonsense_*.jsonl")
-                 if (f.stem == "samples_commonsense_base") == (who == "base")]
-        for line in files[0].read_text().splitlines() if files else []:
-            s = json.loads(line)
-            docs.setdefault(s["task"], {})[int(s["doc_id"])] = float(s["acc"])
-        out[who] = {"acc": acc, "docs": docs, "limit": suite["limit"],
-                    "answered_b": 100 * statistics.mean(answered) if answered else None}
-    return out
 
 
 def _ms(xs: list[float]) -> list[float]:
@@ -128,31 +82,39 @@ def difference(left: list[dict], right: list[dict], p: str, rng: np.random.Gener
             "docs_per_task": len(ids[tasks[0]]), "bootstrap": BOOTSTRAP}
 
 
+def _scored(model: dict) -> dict:
+    """An eval record's model entry with protocol (b)'s share of extracted answers (%)."""
+    answered = [model["answered"][t] for t in SUITE_TASKS["b"] if t in model["answered"]]
+    return {**model, "answered_b": 100 * statistics.mean(answered) if answered else None}
+
+
 def summarise(a) -> dict:
     proto = Protocol(a)
+    proto.records.sync()
+    train, evaluation = proto.records.train, proto.records.eval
     methods = [m for m in a.methods.split(",") if m in METHODS]
     grids, rows, base = {}, {}, None
     for m in methods:
         g = proto.grid(m)
         if g is not None:
+            recs = {lr: train(run_name(m, lr, 0)) for lr in g.points if lr in g.losses}
             grids[m] = {"points": g.points, "best": proto.best_lr(m), "bracketed": g.bracketed,
-                        "final_eval_loss": {f"{lr:g}": (None if diverged(proto.run(run_name(
-                            m, lr, 0))) else final_eval_loss(proto.run(run_name(m, lr, 0))))
-                            for lr in g.points if lr in g.losses},
-                        "curves": {f"{lr:g}": curve(proto.run(run_name(m, lr, 0)))
-                                   for lr in g.points if finished(proto.run(run_name(m, lr, 0)))}}
-        runs = [proto.run(n) for n in proto.finals(m) if finished(proto.run(n))]
+                        "final_eval_loss": {f"{lr:g}": None if r["status"] == "diverged"
+                                            else final_eval_loss(r) for lr, r in recs.items()},
+                        "curves": {f"{lr:g}": r["curve"] for lr, r in recs.items()
+                                   if r["status"] == "finished"}}
+        runs = [n for n in proto.finals(m) if (train(n) or {}).get("status") == "finished"]
         if not runs:
             continue
         lr = proto.best_lr(m)
-        curves = [curve(r) for r in runs]
-        evals = [scores(r) for r in runs]
+        curves = [train(n)["curve"] for n in runs]
+        evals = [(evaluation(n) or {}).get("scores") for n in runs]
         row = {"lr": lr, "lr_source": METHODS[m].lr_from or "own grid",
-               "runs": [r.name for r in runs], "seeds": len(runs),
+               "runs": runs, "seeds": len(runs),
                "eval_loss": _ms([tail_mean(c["eval_steps"], c["eval_loss"]) for c in curves]),
                "step_time_s": statistics.median(c["step_time_s"] for c in curves),
                "curves": curves}
-        scored = [e["adapter"] for e in evals if e and "adapter" in e]
+        scored = [_scored(e["adapter"]) for e in evals if e and "adapter" in e]
         if scored:
             row["scored_seeds"] = len(scored)
             for p in SUITE_TASKS:

@@ -1,13 +1,15 @@
 """bench/convergence.py's protocol and bench/convergence_report.py's statistics, on synthetic run
 folders: grids extended until the best lr is inside, seeds and ablations started only then,
-diverged runs ranked last, steps-to-target interpolation, the paired bootstrap interval, and the
-report written end to end."""
+diverged runs ranked last, steps-to-target interpolation, the paired bootstrap interval, the
+report written end to end, and the per-run records that let the protocol go on without the run
+folders."""
 
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,6 +86,7 @@ def test_grid_is_extended_until_the_best_is_inside(bench, tmp_path):
     assert proto.best_lr("adamw") is None
     # The added point is worse: the best is now strictly inside, seed 1 and the eval follow.
     _fake_run(tmp_path, conv.run_name("adamw", up, 0), [3.0, 2.0, 5.0])
+    proto.records.sync()
     best = max(grid)
     assert proto.best_lr("adamw") == best and proto.grid("adamw").bracketed
     assert _names(proto.pending()) == [f"train:{conv.run_name('adamw', best, 1)}",
@@ -100,6 +103,7 @@ def test_extension_stops_after_max_extend_points(bench, tmp_path):
     for k, p in enumerate(sorted(points, reverse=True)):  # smaller is always better
         _fake_run(tmp_path, conv.run_name("adamw", p, 0), [3.0, 1.0 - 0.01 * k])
     proto = conv.Protocol(a)
+    proto.records.sync()
     g = proto.grid("adamw")
     assert sorted(g.points) == sorted(points) and not g.bracketed
     assert proto.best_lr("adamw") == min(points)  # capped: used, and reported unbracketed
@@ -130,8 +134,10 @@ def test_a_diverged_run_ranks_last(bench, tmp_path):
         _fake_run(tmp_path, conv.run_name("adamw", lr, 0), [3.0, 2.0 - lr])
     run = _fake_run(tmp_path, conv.run_name("adamw", grid[-1], 0), [3.0], status="running")
     (run / "diverged.txt").write_text("training diverged at step 3\n")
-    assert conv.final_eval_loss(run) == float("inf")
-    assert conv.Protocol(a).best_lr("adamw") == grid[-2]
+    proto = conv.Protocol(a)
+    assert f"{run.name}.train" in proto.records.sync()
+    assert conv.final_eval_loss(proto.records.train(run.name)) == float("inf")
+    assert proto.best_lr("adamw") == grid[-2]
 
 
 def test_steps_to_interpolates_between_evaluations(bench):
@@ -217,5 +223,35 @@ def test_a_run_held_by_a_live_process_is_not_started_again(bench, tmp_path):
 def test_final_loss_is_the_mean_of_the_last_30_percent(bench, tmp_path):
     conv, _ = bench
     losses = [3.0, 2.0, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]  # steps 0, 10, ..., 100
-    run = _fake_run(tmp_path, "r", losses)
-    assert conv.final_eval_loss(run) == pytest.approx(np.mean([0.5, 0.4, 0.3, 0.2]))  # 70..100
+    _fake_run(tmp_path, "r", losses)
+    records = conv.Records(tmp_path)
+    assert records.sync() == ["r.train"]
+    mean = np.mean([0.5, 0.4, 0.3, 0.2])  # the evaluations at steps 70..100
+    assert conv.final_eval_loss(records.train("r")) == pytest.approx(mean)
+
+
+def test_records_carry_the_protocol_past_the_run_folders(bench, tmp_path):
+    """A fresh clone has the records but no run folders: the grid, the chosen lr and the scored
+    seeds come from the records; a run whose adapter is still to be scored is trained again,
+    and its new run folder replaces its record."""
+    conv, rep = bench
+    a = _args(conv, tmp_path, "--methods", "adamw", "--seeds", "2")
+    grid = conv.METHODS["adamw"].grid
+    for lr in grid:  # the second point is best
+        _fake_run(tmp_path, conv.run_name("adamw", lr, 0), [3.0, 2.0, 1.5 + abs(lr - grid[1])])
+    best = grid[1]
+    seed1 = _fake_run(tmp_path, conv.run_name("adamw", best, 1), [3.0, 1.8, 1.6])
+    _fake_eval(seed1, {t: [1, 1, 0, 1] for t in rep.SUITE_TASKS["b"]}, rep)
+    proto = conv.Protocol(a)
+    assert _names(proto.pending()) == [f"eval:{conv.run_name('adamw', best, 0)}"]
+    shutil.rmtree(tmp_path / "runs")  # the machine is gone; the records are in git
+    fresh = conv.Protocol(a)
+    assert fresh.best_lr("adamw") == best and fresh.evaluated(seed1.name)
+    job = fresh.pending()
+    assert _names(job) == [f"train:{conv.run_name('adamw', best, 0)}"]  # for its adapter
+    assert rep.report(a)["methods"]["adamw"]["acc_b"] == [75.0, 0.0]  # seed 1's eval record
+    # Trained again: a slightly different curve replaces the record, and the eval follows.
+    again = _fake_run(tmp_path, job[0].name, [3.0, 2.0, 1.25])
+    assert fresh.records.sync() == [f"{again.name}.train"]
+    assert fresh.loss(again.name) == pytest.approx(1.25)
+    assert _names(fresh.pending()) == [f"eval:{again.name}"]
