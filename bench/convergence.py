@@ -275,10 +275,12 @@ class Protocol:
 
     def pending(self) -> list[Job]:
         """Jobs whose inputs are finished and which are not, in protocol order: the primary
-        grids (interleaved, middle points first), their seeds, the ablations, the eval stage
-        (preceded by training the run again where its adapter is not on this machine)."""
+        grids (interleaved, middle points first), their seeds, the ablations, then training
+        again the runs whose adapter an evaluation needs and is not on this machine. Evaluations
+        of adapters that are here go first: an adapter outlives its machine only as a record."""
         self.records.sync()
         primary = [m for m in self.methods if METHODS[m].primary]
+        evals: list[Job] = []
         jobs: list[Job] = []
         for group in (primary, [m for m in self.methods if m not in primary]):
             grids = {m: self.grid(m) for m in group}
@@ -290,19 +292,17 @@ class Protocol:
             for m in group:
                 jobs += [self.train_job(m, *parse_run(name)) for name in self.finals(m)
                          if not self.done(name)]
-        if self.a.eval_limit:
-            for m in self.methods:
-                for name in self.finals(m):
-                    if not self.done(name) or self.evaluated(name):
-                        continue
-                    if self.records.train(name)["status"] != "finished":
-                        continue  # diverged: no adapter to score
-                    if not finished(self.run(name)):  # recorded elsewhere: train it again
-                        jobs.append(self.train_job(m, *parse_run(name)))
-                        continue
-                    base = m == "adamw" and name.endswith("_s0")  # the base model's row
-                    jobs.append(Job(name, "eval", () if base else ("--no-base",)))
-        return jobs
+        for m in self.methods if self.a.eval_limit else ():
+            for name in self.finals(m):
+                rec = self.records.train(name)
+                if rec is None or rec["status"] != "finished" or self.evaluated(name):
+                    continue  # not run yet, diverged (nothing to score), or scored
+                if not finished(self.run(name)):  # recorded elsewhere: train it again
+                    jobs.append(self.train_job(m, *parse_run(name)))
+                    continue
+                base = m == "adamw" and name.endswith("_s0")  # the base model's row
+                evals.append(Job(name, "eval", () if base else ("--no-base",)))
+        return evals + jobs
 
 
 def _mid(points: list[float]) -> float:
