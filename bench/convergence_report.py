@@ -203,9 +203,11 @@ def table(a, res: dict) -> str:
             f"{statistics.mean(got):.0f} ({statistics.mean(ratios):.2f}×)"
             + ("" if len(got) == len(reach) else f"; not reached in {len(reach) - len(got)} of "
                f"{len(reach)} seeds") if got else f"not reached ({len(reach)} seeds)")
+        part = r.get("scored_seeds", r["seeds"])  # seeds scored so far, when not all are
+        some = "" if part == r["seeds"] else f" ({part} of {r['seeds']} seeds scored)"
         lines.append(f"| {m} | {r['lr']:g} ({r['lr_source']}) | {r['seeds']} | "
-                     f"{_f(r['eval_loss'], 4)} | {speed} | {_f(r.get('acc_a'))} | "
-                     f"{_f(r.get('acc_b'))} | {_f(r.get('answered_b'))} |")
+                     f"{_f(r['eval_loss'], 4)} | {speed} | {_f(r.get('acc_a'))}{some} | "
+                     f"{_f(r.get('acc_b'))}{some} | {_f(r.get('answered_b'))} |")
     b = res.get("base", {})
     if b.get("acc_a") is not None and b.get("acc_b") is not None:
         lines.append(f"| base model (no adapter) | – | – | – | – | {b['acc_a']:.1f} | "
