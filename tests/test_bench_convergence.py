@@ -141,6 +141,29 @@ def test_a_diverged_run_ranks_last(bench, tmp_path):
     assert proto.best_lr("adamw") == grid[-2]
 
 
+def test_steps_to_90_percent_of_the_drop_ignores_plateau_noise(bench):
+    """Two curves equal to 0.02 everywhere: AdamW's evaluation at step 20 dips by noise to its
+    final level, which makes the other run look 3.6x slower to reach it; the 90 % level, on the
+    steep part, finds the two equally fast."""
+    _, rep = bench
+    steps = list(range(0, 110, 10))
+    adamw = {"eval_steps": steps,
+             "eval_loss": [3.0, 0.5, 0.19, 0.22, 0.21, 0.21, 0.2, 0.2, 0.2, 0.2, 0.2]}
+    other = {"eval_steps": steps,
+             "eval_loss": [3.0, 0.5, 0.21, 0.22, 0.21, 0.21, 0.21, 0.2, 0.2, 0.2, 0.2]}
+    rows = {"adamw": {"runs": ["adamw_lr0.001_s0"], "curves": [adamw]},
+            "riemannion+loi": {"runs": ["riemannion+loi_lr0.001_s0"], "curves": [other]}}
+    rep._convergence_speed(rows)
+    final = rows["riemannion+loi"]["to_adamw_final"][0]  # level 0.2 (mean of steps 70..100)
+    assert final["adamw_steps"] == pytest.approx(10 + 10 * 0.3 / 0.31) and final["steps"] == 70
+    assert final["ratio"] > 3.5
+    to90 = rows["riemannion+loi"]["to_adamw_90"][0]  # level 0.2 + 0.1 * (3.0 - 0.2) = 0.48
+    assert to90["target"] == pytest.approx(0.48)
+    assert to90["adamw_steps"] == pytest.approx(10 + 10 * 0.02 / 0.31)
+    assert to90["steps"] == pytest.approx(10 + 10 * 0.02 / 0.29)
+    assert to90["ratio"] == pytest.approx(1.0, abs=0.01)
+
+
 def test_steps_to_interpolates_between_evaluations(bench):
     _, rep = bench
     c = {"eval_steps": [0, 10, 20, 30], "eval_loss": [3.0, 2.0, 1.0, 0.5]}
@@ -191,6 +214,7 @@ def test_report_end_to_end(bench, tmp_path):
     assert res["difference"]["b"]["diff"] == pytest.approx(-25.0)
     # AdamW reaches its own final loss exactly at its last evaluation; the same curve here.
     assert [x["ratio"] for x in riem["to_adamw_final"]] == [1.0, 1.0]
+    assert [x["ratio"] for x in riem["to_adamw_90"]] == [1.0, 1.0]
     md = (tmp_path / "convergence.md").read_text()
     assert "strictly inside" in md and "−25.0" not in md and "-25.0 points" in md
     for png in ("loss_curves.png", "lr_grids.png", "accuracy.png"):
