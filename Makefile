@@ -44,7 +44,7 @@ bench: assets
 bench-comm: assets
 	OMP_NUM_THREADS=1 $(BIN)/python bench/comm.py --measure
 
-# About 9 hours on 2 cores, in pieces: finished runs and evaluations leave records (committed) in
+# About 8 hours on 2 cores, in pieces: finished runs and evaluations leave records (committed) in
 # bench/results/convergence/records and are skipped, a killed run resumes from its checkpoint;
 # HOURS=2.5 stops starting jobs after that long.
 bench-convergence: assets
