@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from convergence_records import Records
+from convergence_records import Records, finished
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "smollm2_commonsense.yaml"
@@ -124,12 +124,6 @@ def run_name(method: str, lr: float, seed: int) -> str:
     return f"{method}_lr{lr_name(lr)}_s{seed}"
 
 
-def finished(run: Path) -> bool:
-    """A run directory the driver completed (an interrupted one has no finished run.json)."""
-    info = run / "run.json"
-    return info.is_file() and json.loads(info.read_text()).get("status") == "finished"
-
-
 def busy(run: Path) -> bool:
     """Held by a live training process on this host (another scheduler's job, a manual run).
     The lock's pid must still be a ``riemann_zero.train`` process: after a reboot a killed run's
@@ -196,8 +190,8 @@ class Protocol:
 
     def __init__(self, a):
         self.a = a
-        self.root = Path(a.out) / "runs"
         self.records = Records(Path(a.out))
+        self.root = self.records.runs
         self.methods = a.methods.split(",")
 
     def run(self, name: str) -> Path:

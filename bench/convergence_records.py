@@ -85,16 +85,15 @@ class Records:
         its record was written (a run trained again for its adapter replaces its record)."""
         written = []
         for run in sorted(self.runs.iterdir()) if self.runs.is_dir() else []:
-            info = _run_json(run)
             div = run / "diverged.txt"
-            if div.is_file() or info.get("status") == "finished":
+            if div.is_file() or finished(run):
                 src = div if div.is_file() else run / "run.json"
                 if _newer(src, self.path(run.name, "train")):
                     status = "diverged" if div.is_file() else "finished"
                     io.write_json(self.path(run.name, "train"), {
                         "name": run.name, "status": status,
                         "diverged": div.read_text().strip() if div.is_file() else None,
-                        "run": {k: v for k, v in info.items() if k != "model_path"},
+                        "run": {k: v for k, v in _run_json(run).items() if k != "model_path"},
                         "curve": curve(run)}, indent=1)
                     written.append(f"{run.name}.train")
             res = run / "eval" / "results.json"
@@ -110,6 +109,11 @@ def _run_json(run: Path) -> dict:
         return json.loads((run / "run.json").read_text())
     except (OSError, ValueError):
         return {}
+
+
+def finished(run: Path) -> bool:
+    """A run directory the driver completed (an interrupted one has no finished run.json)."""
+    return _run_json(run).get("status") == "finished"
 
 
 def _newer(src: Path, record: Path) -> bool:

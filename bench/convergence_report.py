@@ -272,18 +272,17 @@ def _loss_curves(a, res: dict, plt) -> None:
     """Mean held-out loss per method with its min-max band over seeds: the whole run (log
     scale) and the plateau from step 50 (linear), where the methods' final losses are told apart."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax in axes:
-        for m, r in res["methods"].items():
-            steps = r["curves"][0]["eval_steps"]
-            ys = np.array([c["eval_loss"] for c in r["curves"] if c["eval_steps"] == steps])
-            keep = np.array(steps) >= (0 if ax is axes[0] else 50)
-            xs = np.array(steps)[keep]
-            (line,) = ax.plot(xs, ys.mean(0)[keep], lw=2 if m in PAIR else 1,
+    for m, r in res["methods"].items():
+        steps = np.array(r["curves"][0]["eval_steps"])
+        ys = np.array([c["eval_loss"] for c in r["curves"] if c["eval_steps"] == list(steps)])
+        for ax, first in zip(axes, (0, 50)):
+            keep = steps >= first
+            (line,) = ax.plot(steps[keep], ys.mean(0)[keep], lw=2 if m in PAIR else 1,
                               ls="-" if m in PAIR else "--", label=f"{m} (lr {r['lr']:g}, "
                               f"{len(ys)} seed{'s' if len(ys) > 1 else ''})")
             if len(ys) > 1:
-                ax.fill_between(xs, ys.min(0)[keep], ys.max(0)[keep], color=line.get_color(),
-                                alpha=0.15)
+                ax.fill_between(steps[keep], ys.min(0)[keep], ys.max(0)[keep],
+                                color=line.get_color(), alpha=0.15)
     axes[0].set(xlabel="optimizer step", ylabel="held-out loss (band: min–max over seeds)",
                 title=f"SmolLM2-135M, commonsense, {a.steps} steps × {a.batch}", yscale="log")
     axes[1].set(xlabel="optimizer step", ylabel="held-out loss", title="from step 50")
