@@ -186,14 +186,17 @@ def _speed(reach: list[dict]) -> str:
     if not reach:
         return "–"
     if not got:
-        return f"not reached ({len(reach)} seeds)"
+        return f"not reached ({len(reach)} seed{'s' if len(reach) > 1 else ''})"
     missed = len(reach) - len(got)
     return (f"{statistics.mean(got):.0f} ({statistics.mean(ratios):.2f}×)"
             + (f"; not reached in {missed} of {len(reach)} seeds" if missed else ""))
 
 
-def _f(ms: list[float] | None, digits: int = 1) -> str:
-    return "–" if not ms else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+def _f(ms: list[float] | None, digits: int = 1, n: int = 2) -> str:
+    """Mean ± std; the mean alone over one seed, which has no spread to show."""
+    if not ms:
+        return "–"
+    return f"{ms[0]:.{digits}f}" + (f" ± {ms[1]:.{digits}f}" if n > 1 else "")
 
 
 def table(a, res: dict) -> str:
@@ -227,8 +230,9 @@ def table(a, res: dict) -> str:
         part = r.get("scored_seeds", r["seeds"])  # seeds scored so far, when not all are
         some = "" if part == r["seeds"] else f" ({part} of {r['seeds']} seeds scored)"
         lines.append(f"| {m} | {r['lr']:g} ({r['lr_source']}) | {r['seeds']} | "
-                     f"{_f(r['eval_loss'], 4)} | {speed} | {_f(r.get('acc_a'))}{some} | "
-                     f"{_f(r.get('acc_b'))}{some} | {_f(r.get('answered_b'))} |")
+                     f"{_f(r['eval_loss'], 4, r['seeds'])} | {speed} | "
+                     f"{_f(r.get('acc_a'), n=part)}{some} | {_f(r.get('acc_b'), n=part)}{some} | "
+                     f"{_f(r.get('answered_b'), n=part)} |")
     b = res.get("base", {})
     if b.get("acc_a") is not None and b.get("acc_b") is not None:
         lines.append(f"| base model (no adapter) | – | – | – | – | – | {b['acc_a']:.1f} | "
@@ -241,8 +245,10 @@ def table(a, res: dict) -> str:
                   "| method | " + " | ".join(SHORT) + " | avg |",
                   "|---|" + "---|" * (len(SHORT) + 1)]
         for m, r in scored.items():
-            lines.append(f"| {m} | " + " | ".join(_f(r[f"tasks_{p}"][t]) for t in SUITE_TASKS[p])
-                         + f" | {_f(r[f'acc_{p}'])} |")
+            n = r.get("scored_seeds", r["seeds"])
+            lines.append(f"| {m} | " + " | ".join(_f(r[f"tasks_{p}"][t], n=n)
+                                                    for t in SUITE_TASKS[p])
+                         + f" | {_f(r[f'acc_{p}'], n=n)} |")
     for p, d in res.get("difference", {}).items():
         lo, hi = d["ci95"]
         lines += ["", f"Riemannion + LOI − AdamW, protocol ({p}) average: {d['diff']:+.1f} points, "

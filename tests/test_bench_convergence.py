@@ -280,3 +280,11 @@ def test_records_carry_the_protocol_past_the_run_folders(bench, tmp_path):
     assert fresh.records.sync() == [f"{again.name}.train"]
     assert fresh.loss(again.name) == pytest.approx(1.25)
     assert _names(fresh.pending()) == [f"eval:{again.name}"]
+
+
+def test_one_seed_shows_no_spread(bench):
+    _, rep = bench
+    # One seed has no std: "± 0.0000" would read as a perfectly repeatable result.
+    assert rep._f([0.1655, 0.0], 4, n=1) == "0.1655"
+    assert rep._f([0.1683, 0.0027], 4, n=3) == "0.1683 ± 0.0027"
+    assert rep._speed([{"steps": None, "ratio": None}]) == "not reached (1 seed)"
