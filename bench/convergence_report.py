@@ -326,17 +326,21 @@ def _accuracy(a, res: dict, plt, out: Path) -> None:
     if scored:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         x = np.arange(len(scored))
+        n = [r.get("scored_seeds", r["seeds"]) for r in scored.values()]
         for k, p in enumerate("ab"):
             ax.bar(x + (k - 0.5) * 0.38, [r[f"acc_{p}"][0] for r in scored.values()], 0.38,
-                   yerr=[r[f"acc_{p}"][1] for r in scored.values()], capsize=3,
+                   yerr=[r[f"acc_{p}"][1] if c > 1 else np.nan  # one seed: no bar to draw
+                         for r, c in zip(scored.values(), n)], capsize=3,
                    label=f"protocol ({p})")
             if "base" in res and res["base"].get(f"acc_{p}"):
                 ax.axhline(res["base"][f"acc_{p}"], ls=":", color=f"C{k}",
                            label=f"base model, ({p})")
-        ax.set_xticks(x, list(scored), rotation=20)
+        ax.set_xticks(x, [f"{m}\n({c} seed{'s' if c > 1 else ''})" for m, c in zip(scored, n)],
+                      rotation=20)
         ax.set(ylabel="average accuracy, % (± std over seeds)",
                title=f"commonsense, {a.eval_limit} documents per task")
-        ax.legend(fontsize=8)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # room above the bars for the legend
+        ax.legend(fontsize=8, loc="upper center", ncol=4)
         fig.tight_layout()
         fig.savefig(out / "accuracy.png", dpi=120)
         plt.close(fig)
