@@ -245,7 +245,7 @@ def table(a, res: dict) -> str:
                   "| method | " + " | ".join(SHORT) + " | avg |",
                   "|---|" + "---|" * (len(SHORT) + 1)]
         for m, r in scored.items():
-            n = r.get("scored_seeds", r["seeds"])
+            n = r["scored_seeds"]  # set wherever accuracy is
             lines.append(f"| {m} | " + " | ".join(_f(r[f"tasks_{p}"][t], n=n)
                                                     for t in SUITE_TASKS[p])
                          + f" | {_f(r[f'acc_{p}'], n=n)} |")
@@ -326,7 +326,7 @@ def _accuracy(a, res: dict, plt, out: Path) -> None:
     if scored:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         x = np.arange(len(scored))
-        n = [r.get("scored_seeds", r["seeds"]) for r in scored.values()]
+        n = [r["scored_seeds"] for r in scored.values()]  # set with the accuracy
         for k, p in enumerate("ab"):
             ax.bar(x + (k - 0.5) * 0.38, [r[f"acc_{p}"][0] for r in scored.values()], 0.38,
                    yerr=[r[f"acc_{p}"][1] if c > 1 else np.nan  # one seed: no bar to draw
