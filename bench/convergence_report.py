@@ -55,11 +55,13 @@ def protocol_avg(acc: dict, p: str) -> float | None:
     return 100 * statistics.mean(vals) if len(vals) == len(SUITE_TASKS[p]) else None
 
 
-def difference(left: list[dict], right: list[dict], p: str, rng: np.random.Generator) -> dict:
+def difference(left: list[dict], right: list[dict], p: str, rng: np.random.Generator,
+               tasks: list[str] | None = None) -> dict:
     """Mean task-averaged accuracy of ``left`` minus ``right`` (points) with a 95 % percentile
     interval from a two-level bootstrap: seeds resampled within each method, documents resampled
-    within each task (the same documents for both methods: a paired design)."""
-    tasks = SUITE_TASKS[p]
+    within each task (the same documents for both methods: a paired design). ``tasks``: a subset
+    of protocol ``p``'s tasks (one task: that task's difference); default all of them."""
+    tasks = tasks or SUITE_TASKS[p]
     ids = {t: sorted(left[0]["docs"][t]) for t in tasks}
 
     def cube(runs: list[dict]) -> list[np.ndarray]:  # per task: seeds x documents
@@ -139,6 +141,8 @@ def summarise(a) -> dict:
         rng = np.random.default_rng(0)
         out["difference"] = {p: difference(left, right, p, rng) for p in SUITE_TASKS
                              if all(SUITE_TASKS[p][0] in s["docs"] for s in left + right)}
+        out["difference_per_task"] = {p: {t: difference(left, right, p, rng, [t])
+                                          for t in SUITE_TASKS[p]} for p in out["difference"]}
     for row in rows.values():
         row.pop("_scored", None)
     return out
@@ -249,6 +253,10 @@ def table(a, res: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(_f(r[f"tasks_{p}"][t], n=n)
                                                     for t in SUITE_TASKS[p])
                          + f" | {_f(r[f'acc_{p}'], n=n)} |")
+        b = res.get("base", {})
+        if b.get(f"acc_{p}") is not None:
+            lines.append("| base model (no adapter) | " + " | ".join(
+                f"{b[f'tasks_{p}'][t]:.1f}" for t in SUITE_TASKS[p]) + f" | {b[f'acc_{p}']:.1f} |")
     for p, d in res.get("difference", {}).items():
         lo, hi = d["ci95"]
         lines += ["", f"Riemannion + LOI − AdamW, protocol ({p}) average: {d['diff']:+.1f} points, "
@@ -256,6 +264,11 @@ def table(a, res: dict) -> str:
                   f"seeds, {d['docs_per_task']} documents per task; bootstrap over seeds and "
                   "documents, paired by document)" + ("; the interval includes 0." if lo <= 0 <= hi
                                                       else ".")]
+        per_task = res.get("difference_per_task", {}).get(p, {})
+        if per_task:
+            lines.append("Per task (same bootstrap, one task at a time): " + ", ".join(
+                f"{s} {e['diff']:+.1f} [{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]"
+                for s, e in zip(SHORT, per_task.values())) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -47,20 +47,25 @@ def _fake_run(out: Path, name: str, eval_losses: list[float], status: str = "fin
     return run
 
 
-def _fake_eval(run: Path, correct: dict[str, list[int]], rep, limit: int = 4) -> None:
-    """eval/results.json and the per-document samples of the adapter (label = run name)."""
+def _fake_eval(run: Path, correct: dict[str, list[int]], rep, limit: int = 4,
+               base: dict[str, list[int]] | None = None) -> None:
+    """eval/results.json and the per-document samples of the adapter (label = run name) and,
+    given ``base``, of the base model (label "base")."""
     (run / "eval").mkdir()
     tasks = [t for p in rep.SUITE_TASKS.values() for t in p]
-    results = {t: {"acc,none": float(np.mean(correct.get(t, [0] * limit)))} for t in tasks}
-    for t in rep.SUITE_TASKS["b"]:  # protocol (b) also reports whether an answer was extracted
-        results[t]["answered,none"] = 0.75
-    suite = {"limit": limit, "models": {run.name: {"results": results}}}
+    models = {run.name: correct, **({"base": base} if base else {})}
+    suite = {"limit": limit, "models": {}}
+    for label, right in models.items():
+        results = {t: {"acc,none": float(np.mean(right.get(t, [0] * limit)))} for t in tasks}
+        for t in rep.SUITE_TASKS["b"]:  # protocol (b) also reports whether an answer was extracted
+            results[t]["answered,none"] = 0.75
+        suite["models"][label] = {"results": results}
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+        with open(run / "eval" / f"samples_commonsense_{slug}.jsonl", "w") as fh:
+            for t in tasks:
+                for d, ok in enumerate(right.get(t, [0] * limit)):
+                    fh.write(json.dumps({"task": t, "doc_id": d, "acc": ok}) + "\n")
     (run / "eval" / "results.json").write_text(json.dumps({"suites": {"commonsense": suite}}))
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in run.name)
-    with open(run / "eval" / f"samples_commonsense_{slug}.jsonl", "w") as fh:
-        for t in tasks:
-            for d, ok in enumerate(correct.get(t, [0] * limit)):
-                fh.write(json.dumps({"task": t, "doc_id": d, "acc": ok}) + "\n")
 
 
 def _names(jobs) -> list[str]:
@@ -191,6 +196,15 @@ def test_difference_interval(bench):
     assert 50 < d["diff"] < 70 and d["ci95"][0] > 40 and d["ci95"][0] < d["diff"] < d["ci95"][1]
     close = rep.difference(runs(0.5, 3), runs(0.5, 3), "b", rng)
     assert close["ci95"][0] < 0 < close["ci95"][1]  # same accuracy: the interval covers 0
+    # One task apart, the rest identical: that task alone carries the whole difference.
+    first = rep.SUITE_TASKS["b"][0]
+    mixed = [{"docs": {**s["docs"], first: b["docs"][first]}} for s, b in zip(same, better)]
+    one = rep.difference(mixed, same, "b", rng, [first])
+    rest = rep.difference(mixed, same, "b", rng, rep.SUITE_TASKS["b"][1:])
+    assert one["diff"] > 20 and one["ci95"][0] > 0  # 0.9 against 0.5 on 150 paired documents
+    assert rest["diff"] == 0.0 and rest["ci95"] == [0.0, 0.0]
+    avg = rep.difference(mixed, same, "b", rng)
+    assert avg["diff"] == pytest.approx(one["diff"] / len(rep.SUITE_TASKS["b"]))
 
 
 def test_report_end_to_end(bench, tmp_path):
@@ -203,8 +217,9 @@ def test_report_end_to_end(bench, tmp_path):
         _fake_run(tmp_path, conv.run_name(m, grid[1], 1), [3.0, 1.8, 1.6])
         for s in (0, 1):
             good = 1 if m == "adamw" else 0
+            base = {t: [0, 0, 0, 1] for t in rep.SUITE_TASKS["b"]} if good and not s else None
             _fake_eval(tmp_path / "runs" / conv.run_name(m, grid[1], s),
-                       {t: [good, 1, 0, 1] for t in rep.SUITE_TASKS["b"]}, rep)
+                       {t: [good, 1, 0, 1] for t in rep.SUITE_TASKS["b"]}, rep, base=base)
     assert conv.Protocol(a).pending() == []
     res = rep.report(a)
     adamw, riem = res["methods"]["adamw"], res["methods"]["riemannion+loi"]
@@ -212,11 +227,18 @@ def test_report_end_to_end(bench, tmp_path):
     assert adamw["acc_b"] == [75.0, 0.0] and riem["acc_b"] == [50.0, 0.0]
     assert adamw["answered_b"] == [75.0, 0.0] and "answered_b" in riem
     assert res["difference"]["b"]["diff"] == pytest.approx(-25.0)
+    # every task differs by the same first document: -25 points in each
+    assert [e["diff"] for e in res["difference_per_task"]["b"].values()] == pytest.approx(
+        [-25.0] * len(rep.SUITE_TASKS["b"]))
+    assert res["base"]["acc_b"] == 25.0
     # AdamW reaches its own final loss exactly at its last evaluation; the same curve here.
     assert [x["ratio"] for x in riem["to_adamw_final"]] == [1.0, 1.0]
     assert [x["ratio"] for x in riem["to_adamw_90"]] == [1.0, 1.0]
     md = (tmp_path / "convergence.md").read_text()
     assert "strictly inside" in md and "−25.0" not in md and "-25.0 points" in md
+    assert "Per task (same bootstrap, one task at a time): BoolQ -25.0 [" in md
+    # the base model's row in protocol (b)'s per-task table: 25 % in every task
+    assert "| base model (no adapter) | " + " | ".join(["25.0"] * 9) + " |" in md
     for png in ("loss_curves.png", "lr_grids.png", "accuracy.png"):
         assert (tmp_path / png).stat().st_size > 1000
 
