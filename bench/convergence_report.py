@@ -134,6 +134,7 @@ def summarise(a) -> dict:
     out = {"grids": grids, "methods": rows}
     if base:
         out["base"] = {f"acc_{p}": protocol_avg(base["acc"], p) for p in SUITE_TASKS}
+        out["base"]["answered_b"] = _scored(base)["answered_b"]
         out["base"].update({f"tasks_{p}": {t: 100 * base["acc"][t] for t in SUITE_TASKS[p]
                                            if t in base["acc"]} for p in SUITE_TASKS})
     left, right = (rows.get(m, {}).get("_scored") for m in PAIR)
@@ -239,8 +240,9 @@ def table(a, res: dict) -> str:
                      f"{_f(r.get('answered_b'), n=part)} |")
     b = res.get("base", {})
     if b.get("acc_a") is not None and b.get("acc_b") is not None:
+        answered = "–" if b.get("answered_b") is None else f"{b['answered_b']:.1f}"
         lines.append(f"| base model (no adapter) | – | – | – | – | – | {b['acc_a']:.1f} | "
-                     f"{b['acc_b']:.1f} | – |")
+                     f"{b['acc_b']:.1f} | {answered} |")
     for p, name in (("a", "protocol (a)"), ("b", "protocol (b)")):
         scored = {m: r for m, r in res["methods"].items() if f"tasks_{p}" in r}
         if not scored:

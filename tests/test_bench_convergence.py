@@ -230,7 +230,7 @@ def test_report_end_to_end(bench, tmp_path):
     # every task differs by the same first document: -25 points in each
     assert [e["diff"] for e in res["difference_per_task"]["b"].values()] == pytest.approx(
         [-25.0] * len(rep.SUITE_TASKS["b"]))
-    assert res["base"]["acc_b"] == 25.0
+    assert res["base"]["acc_b"] == 25.0 and res["base"]["answered_b"] == 75.0
     # AdamW reaches its own final loss exactly at its last evaluation; the same curve here.
     assert [x["ratio"] for x in riem["to_adamw_final"]] == [1.0, 1.0]
     assert [x["ratio"] for x in riem["to_adamw_90"]] == [1.0, 1.0]
