@@ -255,8 +255,7 @@ def table(a, res: dict) -> str:
             lines.append(f"| {m} | " + " | ".join(_f(r[f"tasks_{p}"][t], n=n)
                                                     for t in SUITE_TASKS[p])
                          + f" | {_f(r[f'acc_{p}'], n=n)} |")
-        b = res.get("base", {})
-        if b.get(f"acc_{p}") is not None:
+        if b.get(f"acc_{p}") is not None:  # b: the base model's scores, read above
             lines.append("| base model (no adapter) | " + " | ".join(
                 f"{b[f'tasks_{p}'][t]:.1f}" for t in SUITE_TASKS[p]) + f" | {b[f'acc_{p}']:.1f} |")
     for p, d in res.get("difference", {}).items():
