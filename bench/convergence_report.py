@@ -133,10 +133,10 @@ def summarise(a) -> dict:
     _convergence_speed(rows)
     out = {"grids": grids, "methods": rows}
     if base:
-        out["base"] = {f"acc_{p}": protocol_avg(base["acc"], p) for p in SUITE_TASKS}
-        out["base"]["answered_b"] = _scored(base)["answered_b"]
-        out["base"].update({f"tasks_{p}": {t: 100 * base["acc"][t] for t in SUITE_TASKS[p]
-                                           if t in base["acc"]} for p in SUITE_TASKS})
+        out["base"] = {**{f"acc_{p}": protocol_avg(base["acc"], p) for p in SUITE_TASKS},
+                       "answered_b": _scored(base)["answered_b"],
+                       **{f"tasks_{p}": {t: 100 * base["acc"][t] for t in SUITE_TASKS[p]
+                                         if t in base["acc"]} for p in SUITE_TASKS}}
     left, right = (rows.get(m, {}).get("_scored") for m in PAIR)
     if left and right:
         rng = np.random.default_rng(0)
@@ -191,10 +191,14 @@ def _speed(reach: list[dict]) -> str:
     if not reach:
         return "–"
     if not got:
-        return f"not reached ({len(reach)} seed{'s' if len(reach) > 1 else ''})"
+        return f"not reached ({_seeds(len(reach))})"
     missed = len(reach) - len(got)
     return (f"{statistics.mean(got):.0f} ({statistics.mean(ratios):.2f}×)"
             + (f"; not reached in {missed} of {len(reach)} seeds" if missed else ""))
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n > 1 else ''}"
 
 
 def _f(ms: list[float] | None, digits: int = 1, n: int = 2) -> str:
@@ -299,7 +303,7 @@ def _loss_curves(a, res: dict, plt) -> None:
             keep = steps >= first
             (line,) = ax.plot(steps[keep], ys.mean(0)[keep], lw=2 if m in PAIR else 1,
                               ls="-" if m in PAIR else "--", label=f"{m} (lr {r['lr']:g}, "
-                              f"{len(ys)} seed{'s' if len(ys) > 1 else ''})")
+                              f"{_seeds(len(ys))})")
             if len(ys) > 1:
                 ax.fill_between(steps[keep], ys.min(0)[keep], ys.max(0)[keep],
                                 color=line.get_color(), alpha=0.15)
@@ -349,8 +353,7 @@ def _accuracy(a, res: dict, plt, out: Path) -> None:
             if "base" in res and res["base"].get(f"acc_{p}"):
                 ax.axhline(res["base"][f"acc_{p}"], ls=":", color=f"C{k}",
                            label=f"base model, ({p})")
-        ax.set_xticks(x, [f"{m}\n({c} seed{'s' if c > 1 else ''})" for m, c in zip(scored, n)],
-                      rotation=20)
+        ax.set_xticks(x, [f"{m}\n({_seeds(c)})" for m, c in zip(scored, n)], rotation=20)
         ax.set(ylabel="average accuracy, % (± std over seeds)",
                title=f"commonsense, {a.eval_limit} documents per task")
         ax.set_ylim(top=ax.get_ylim()[1] * 1.2)  # room above the bars for the legend

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eval import runner
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -60,8 +62,8 @@ def _fake_eval(run: Path, correct: dict[str, list[int]], rep, limit: int = 4,
         for t in rep.SUITE_TASKS["b"]:  # protocol (b) also reports whether an answer was extracted
             results[t]["answered,none"] = 0.75
         suite["models"][label] = {"results": results}
-        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
-        with open(run / "eval" / f"samples_commonsense_{slug}.jsonl", "w") as fh:
+        # the eval stage's own file name for a model's samples
+        with open(run / "eval" / f"samples_commonsense_{runner._slug(label)}.jsonl", "w") as fh:
             for t in tasks:
                 for d, ok in enumerate(right.get(t, [0] * limit)):
                     fh.write(json.dumps({"task": t, "doc_id": d, "acc": ok}) + "\n")
