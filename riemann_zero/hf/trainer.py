@@ -3,7 +3,7 @@
 :class:`Trainer` (a ``transformers.Trainer``) and :class:`SFTTrainer` (a ``trl.SFTTrainer``) take
 everything their parents take plus
 
-- ``rz_optimizer="riemannion"``: any manifold optimizer of :mod:`riemann_zero.train.registry`;
+- ``rz_optimizer="riemannion"``: any manifold optimizer of :mod:`riemann_zero.optim.registry`;
 - ``rz_optimizer_kwargs=None``: its other hyper-parameters, e.g. ``{"momentum": 0.9}``; the lr and
   weight decay are ``TrainingArguments.learning_rate`` / ``weight_decay`` (and Adam's betas/eps
   ``adam_beta1/2`` / ``adam_epsilon`` where the optimizer has them), the schedule, warm-up,
@@ -59,7 +59,7 @@ from riemann_zero.hf.state import (
 from riemann_zero.optim.base import manifold_health
 from riemann_zero.sharding.comm import sketch_reduce
 from riemann_zero.sharding.params import full_tensor, gathered
-from riemann_zero.train import registry
+from riemann_zero.optim import registry
 
 __all__ = ["Trainer", "SFTTrainer", "STATE_NAME", "RZ_INITS"]  # noqa: F822 (SFTTrainer: __getattr__)
 
@@ -127,7 +127,8 @@ def check_options(rz_optimizer: str, rz_optimizer_kwargs: dict | None, rz_init: 
         stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
         enabled = (ds_config.get("bf16") or {}).get("enabled", False)
         bf16 = enabled is True or (enabled == "auto" and args_bf16)
-        problem = registry.engine_error(rz_optimizer, "deepspeed", stage, bf16)
+        problem = registry.engine_error(rz_optimizer, where=f"ZeRO-{stage}", whole=stage == 0,
+                                        copies_back=bf16 and stage == 0, bf16=bf16)
         if problem:
             raise ValueError(problem)
 

@@ -9,7 +9,7 @@ import dataclasses
 import typing
 from typing import Any
 
-from riemann_zero.train import registry
+from riemann_zero.optim import registry
 from riemann_zero.train.recipe import SMOKE, Recipe
 
 __all__ = ["MEANINGS", "schema_keys", "help_text"]

@@ -29,7 +29,7 @@ from riemann_zero.optim.base import manifold_health
 from riemann_zero.progress import say, stage
 from riemann_zero.sharding.params import full_tensor, gathered, local_values
 from riemann_zero.train import checkpoint as ckpt
-from riemann_zero.train import registry
+from riemann_zero.optim import registry
 from riemann_zero.train.build import (
     batch_order,
     build_model,

@@ -32,7 +32,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from riemann_zero.train import registry
+from riemann_zero.optim import registry
 from riemann_zero.train.recipe import Recipe
 
 __all__ = ["MemoryEstimate", "estimate_memory", "memory_limits", "memory_error",

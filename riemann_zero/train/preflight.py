@@ -3,7 +3,7 @@
 Data files (parsed: the file and line of a malformed record, empty files, a local file asked for
 an eval split it does not have) and dataset names, the batch layout against the world size, the
 ``deepspeed:`` block against DeepSpeed's own config schema, the optimizer's engines, ZeRO stages,
-dtype and options (from :mod:`riemann_zero.train.registry`), target modules and the rank against
+dtype and options (from :mod:`riemann_zero.optim.registry`), target modules and the rank against
 the model's layers (the model is built on the meta device from its ``config.json``), and whether
 ``output_dir`` already holds a run (same recipe: resume from the newest checkpoint whose files
 verify; a run that stopped before its first checkpoint: replaced; another recipe: refuse), and
@@ -28,7 +28,7 @@ from riemann_zero.adapters.inits import PEFT_INITS
 from riemann_zero.adapters.layout import rank_error
 from riemann_zero.adapters.loi import loi_rank_error
 from riemann_zero.data.examples import DATASETS, HUB_DATASETS, has_eval_split, load_examples
-from riemann_zero.train import registry
+from riemann_zero.optim import registry
 from riemann_zero.train.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -405,7 +405,10 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
         raise RecipeError(f"deepspeed.zero_optimization.stage must be 0..3, but got {stage}")
     # Only a real `true` counts here; any other value is left to DeepSpeed's schema check below.
     bf16 = (rc.deepspeed.get("bf16", {}) or {}).get("enabled", False) is True
-    problem = registry.engine_error(rc.optimizer.name, rc.engine, stage, bf16)
+    fsdp2 = rc.engine == "fsdp2"
+    problem = registry.engine_error(
+        rc.optimizer.name, where="FSDP2" if fsdp2 else f"ZeRO-{stage}",
+        whole=not fsdp2 and stage == 0, copies_back=bf16 and not fsdp2 and stage == 0, bf16=bf16)
     if problem is not None:
         raise RecipeError(problem)
     _check_options(rc)

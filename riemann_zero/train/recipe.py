@@ -6,7 +6,7 @@ recipe only states what differs. Unknown keys fail with a did-you-mean suggestio
 coerced to the field's type (``max_steps=3`` is an int, ``lora.target_modules=q_proj,v_proj`` a
 list). Checks that need no weights (files exist, target modules exist, rank fits) live in
 :mod:`riemann_zero.train.preflight`; the optimizer rules come from
-:mod:`riemann_zero.train.registry`; the generic parsing (coercion, did-you-mean, dotted keys)
+:mod:`riemann_zero.optim.registry`; the generic parsing (coercion, did-you-mean, dotted keys)
 from :mod:`riemann_zero.train.parsing`.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from riemann_zero.progress import LOG_LEVELS
-from riemann_zero.train import registry
+from riemann_zero.optim import registry
 from riemann_zero.train.parsing import RecipeError, build_dataclass, set_dotted, yaml_problem
 
 __all__ = [
@@ -124,7 +124,7 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     """Optimizer and its hyper-parameters; common keys a given optimizer does not use are ignored
-    (``riemann_zero.train.registry`` lists which it takes). ``options``: further keyword
+    (``riemann_zero.optim.registry`` lists which it takes). ``options``: further keyword
     arguments of that optimizer, e.g. ``{ortho: newton_schulz, ns_steps: 5}`` for Riemannion;
     unknown names fail in preflight with the valid ones listed."""
 

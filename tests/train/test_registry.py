@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import riemann_zero as rz
-from riemann_zero.train import registry
+from riemann_zero.optim import registry
 from riemann_zero.train.build import build_optimizer
 from riemann_zero.train.preflight import preflight
 from riemann_zero.train.recipe import RecipeError, load_recipe

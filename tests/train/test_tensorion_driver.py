@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from riemann_zero.train import registry
+from riemann_zero.optim import registry
 from riemann_zero.train.cli import STOP_EXIT_CODE
 from riemann_zero.train.preflight import preflight
 from riemann_zero.train.recipe import RecipeError, load_recipe

@@ -1,4 +1,5 @@
-"""The registry of optimizers: the only place in the driver where optimizer names live.
+"""The registry of optimizers: the only place where optimizer names live (the recipe driver and
+the Hugging Face Trainer both read it).
 
 One row per optimizer says how to build it, which adapter layout it needs, which initialisations
 it accepts, where it runs and what it logs. Recipe validation, preflight, the builder and the
@@ -35,7 +36,6 @@ LAYOUTS = ("manifold", "peft")
 INIT_METHODS = ("loi", "zero", "random", "peft", "pissa", "lora_ga")
 _MANIFOLD_INITS = ("loi", "zero", "random")
 _PEFT_INITS = ("peft", "pissa", "lora_ga")
-_ALL_STAGES = (0, 1, 2, 3)
 # Keyword parameters of a builder that are not hyper-parameters.
 _NOT_OPTIONS = ("model", "params", "name")
 
@@ -51,9 +51,10 @@ class OptimizerSpec:
         layout: the adapter layout it needs (one of :data:`LAYOUTS`).
         inits: the ``init.method`` values it accepts.
         init_hint: why other inits do not fit (completes the error message), or "".
-        stages: the DeepSpeed ZeRO stages it supports.
-        fsdp2: whether it runs under ``engine=fsdp2``.
-        engine_hint: why other engines or stages do not fit, or "".
+        whole_factors: whether it needs the model's own 2-D LoRA weights and their grads, which
+            only an engine that leaves parameters whole and unwrapped gives it (DeepSpeed ZeRO-0,
+            one process or data parallel); ZeRO-1/2/3 and FSDP2 flatten or shard them.
+        engine_hint: why engines that shard parameters do not fit, or "".
         bf16: whether it accepts ``deepspeed.bf16.enabled=true``.
         dtype_hint: why bf16 does not fit, or "".
         prepare: called as ``prepare(model, seed)`` after PEFT wrapped the model (StelLA's init).
@@ -74,8 +75,7 @@ class OptimizerSpec:
     layout: str
     inits: tuple[str, ...]
     init_hint: str = ""
-    stages: tuple[int, ...] = _ALL_STAGES
-    fsdp2: bool = True
+    whole_factors: bool = False
     engine_hint: str = ""
     bf16: bool = True
     dtype_hint: str = ""
@@ -107,7 +107,7 @@ class OptimizerSpec:
 _MANIFOLD = dict(layout="manifold", inits=_MANIFOLD_INITS, init_hint="needs the manifold layout",
                  health=True, state_per_value=0.5)
 _WHOLE_FACTORS = dict(
-    stages=(0,), fsdp2=False,
+    whole_factors=True,
     engine_hint="needs the model's 2-D LoRA weights and their grads, which ZeRO-1/2/3 and FSDP2 "
                 "flatten or shard")
 
@@ -178,21 +178,27 @@ def adapter_error(name: str, adapter_type: str, init: str) -> str | None:
             f"init.method=peft, but got {name!r} and {init!r}; set those two keys")
 
 
-def engine_error(name: str, engine: str, stage: int, bf16: bool) -> str | None:
-    """Why optimizer ``name`` cannot run on this engine / ZeRO stage / dtype (None if it can)."""
+def engine_error(name: str, *, where: str, whole: bool, copies_back: bool, bf16: bool
+                 ) -> str | None:
+    """Why optimizer ``name`` cannot run on an engine (None if it can).
+
+    The engine describes itself, so no engine name is compared here: ``where`` names it for the
+    message ("ZeRO-2", "FSDP2"), ``whole`` says whether it leaves the model's parameters whole
+    and stepped in place, ``copies_back`` whether its mixed-precision wrapper copies its own
+    master weights over the model after every step (DeepSpeed's ZeRO-0 bf16 wrapper), ``bf16``
+    whether the run is in bf16.
+    """
     row = OPTIMIZERS[name]
-    where = "FSDP2" if engine == "fsdp2" else f"ZeRO-{stage}"
-    if (engine == "fsdp2" and not row.fsdp2) or (engine == "deepspeed" and stage not in row.stages):
-        ok = [f"deepspeed stage {s}" for s in row.stages] + (["fsdp2"] if row.fsdp2 else [])
+    if row.whole_factors and not whole:
         return (f"optimizer {name!r} {row.engine_hint or 'does not run there'} ({where}; it runs "
-                f"on {', '.join(ok)}); use engine=deepspeed with "
-                f"deepspeed.zero_optimization.stage={row.stages[0]}")
+                f"on deepspeed stage 0); use engine=deepspeed with "
+                f"deepspeed.zero_optimization.stage=0")
     if bf16 and not row.bf16:
         return f"optimizer {name!r} {row.dtype_hint}; set deepspeed.bf16.enabled=false"
-    if bf16 and engine == "deepspeed" and stage == 0 and row.layout == "manifold":
-        # Without ZeRO, DeepSpeed's bf16 wrapper hands the optimizer fp32 copies of the params
-        # and copies them back over the model after the step: a manifold optimizer, which steps
-        # the adapters themselves, would train nothing (and LOI would be undone at step 1).
+    if copies_back and row.layout == "manifold":
+        # The wrapper hands the optimizer fp32 copies of the params and copies them back over the
+        # model after the step: a manifold optimizer, which steps the adapters themselves, would
+        # train nothing (and LOI would be undone at step 1).
         return (f"optimizer {name!r} with bf16 needs ZeRO-1, 2 or 3 (DeepSpeed's ZeRO-0 bf16 "
                 f"wrapper would overwrite its updates every step); set "
                 f"deepspeed.zero_optimization.stage=1 (on one process it shards nothing) or "
