@@ -56,10 +56,10 @@ from riemann_zero.hf.state import (
     is_fsdp2,
     shard_fsdp2,
 )
+from riemann_zero.optim import registry
 from riemann_zero.optim.base import manifold_health
 from riemann_zero.sharding.comm import sketch_reduce
 from riemann_zero.sharding.params import full_tensor, gathered
-from riemann_zero.optim import registry
 
 __all__ = ["Trainer", "SFTTrainer", "STATE_NAME", "RZ_INITS"]  # noqa: F822 (SFTTrainer: __getattr__)
 

@@ -13,8 +13,8 @@ import torch
 from riemann_zero.adapters.inits import PEFT_INITS, peft_init_model
 from riemann_zero.adapters.layout import find_adapters, get_peft_model, init_points, lora_layers
 from riemann_zero.adapters.loi import loi_init
-from riemann_zero.sharding.params import assign
 from riemann_zero.optim import registry
+from riemann_zero.sharding.params import assign
 from riemann_zero.train.loading import create_base, materialize, model_dtype
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe, orthogonal_config

@@ -25,11 +25,11 @@ from riemann_zero.adapters.export import save_adapter, save_peft_adapter
 from riemann_zero.data.examples import has_eval_split, load_examples
 from riemann_zero.data.tokens import Collator, tokenize
 from riemann_zero.io import peak_rss_mib, write_json, write_text_atomically
+from riemann_zero.optim import registry
 from riemann_zero.optim.base import manifold_health
 from riemann_zero.progress import say, stage
 from riemann_zero.sharding.params import full_tensor, gathered, local_values
 from riemann_zero.train import checkpoint as ckpt
-from riemann_zero.optim import registry
 from riemann_zero.train.build import (
     batch_order,
     build_model,

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from riemann_zero.progress import LOG_LEVELS
 from riemann_zero.optim import registry
+from riemann_zero.progress import LOG_LEVELS
 from riemann_zero.train.parsing import RecipeError, build_dataclass, set_dotted, yaml_problem
 
 __all__ = [

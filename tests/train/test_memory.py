@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from riemann_zero.optim.registry import OPTIMIZERS
 from riemann_zero.train.memory import GIB, estimate_memory, memory_error
 from riemann_zero.train.preflight import preflight
 from riemann_zero.train.recipe import RecipeError, load_recipe
-from riemann_zero.optim.registry import OPTIMIZERS
 
 REPO = Path(__file__).resolve().parents[2]
 H100 = ["memory.device_gib=80", "memory.host_gib=1024"]  # 80 GB GPUs, 1 TiB nodes
