@@ -19,7 +19,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from convergence import METHODS, Protocol, final_eval_loss, parse_run, parser, run_name, tail_mean
+from convergence_protocol import (
+    METHODS,
+    Protocol,
+    final_eval_loss,
+    parse_run,
+    parser,
+    run_name,
+    tail_mean,
+)
 
 from riemann_zero import io
 
