@@ -194,7 +194,7 @@ def _oft_angles(out: Path) -> dict[str, float]:
         rows, cols = torch.triu_indices(b, b, 1)
         s = vec.new_zeros(vec.shape[0], b, b)
         s[:, rows, cols] = vec
-        s = (s - s.mT) * (-1 if neumann else 1)  # PEFT's two conventions (DESIGN §9)
+        s = (s - s.mT) * (-1 if neumann else 1)  # PEFT's two conventions (docs/design.md §9)
         eye = torch.eye(b, dtype=s.dtype)
         rot = torch.linalg.solve(eye + s, eye - s, left=False)  # (I − S)(I + S)⁻¹
         result[name] = float(torch.angle(torch.linalg.eigvals(rot)).abs().mean())

@@ -45,7 +45,8 @@ def _file_stamp(adapter: Path | None) -> str | None:
 def _gen_kwargs(task: str, max_gen_toks: int | None, num_beams: int | None) -> dict | None:
     kwargs: dict[str, Any] = {}
     if task.startswith("rz_gen_"):
-        if num_beams:  # the papers' decoding: 4 beams (REFERENCES.md §4.1)
+        # The papers' decoding: 4 beams (NVlabs/DoRA commonsense_reasoning/commonsense_evaluate.py).
+        if num_beams:
             kwargs["num_beams"] = num_beams
     elif max_gen_toks and not task.startswith("rz_ll_"):
         kwargs["max_gen_toks"] = max_gen_toks  # the commonsense protocol keeps its 32

@@ -2,7 +2,7 @@
 
 Merges stock PEFT adapters of one base model into a new stock PEFT adapter folder (plus
 ``merge.json``); the maths and the methods are in :mod:`riemann_zero.adapters.merge`
-(DESIGN §9). A bad request exits with status 2 and one line naming the fix, before any work.
+(docs/design.md §9). A bad request exits with status 2 and one line naming the fix, before any work.
 
 Examples::
 

@@ -1,6 +1,9 @@
-"""The package is built in floors (LAYOUT.md): imports only go downward, no module imports the
-package root, nobody imports another file's ``_private`` names, the import graph has no circle,
-and eval/, bench/, launch/ use only the public API and the few modules meant for them.
+"""The package is built in floors (docs/layout.md): imports only go downward, no module imports
+the package root, nobody imports another file's ``_private`` names, the import graph has no
+circle, and eval/, bench/, launch/ use only the public API and the few modules meant for them;
+bench/'s scripts do not import each other in a circle. Engines and parameter layouts are objects:
+no code outside ``sharding/layouts.py`` and ``train/engines*`` switches on their names. No function
+of the package is over 100 lines.
 
 Plain ``ast`` over the source files: function-local imports count like top-level ones (that is
 where circles used to hide). The checker is tested on small synthetic trees first, so a green
@@ -46,6 +49,12 @@ STANDALONE = {"riemann_zero.manifold.reference"}
 OUTSIDE_ALLOWED = {"riemann_zero", "riemann_zero.data.prompts", "riemann_zero.assets",
                    "riemann_zero.io", "riemann_zero.progress", "riemann_zero.sharding.accounting",
                    "riemann_zero.train.cli"}
+
+
+# Engine and parameter-layout names: only their own objects may switch on them.
+ENGINE_NAMES = {"local", "ddp", "zero12", "zero3", "fsdp2", "deepspeed"}
+ENGINE_HOMES = ("riemann_zero/sharding/layouts.py", "riemann_zero/train/engines")
+MAX_FUNCTION_LINES = 100
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -205,6 +214,69 @@ def outside_violations(root: Path, dirs: tuple[str, ...] = ("eval", "bench", "la
     return problems
 
 
+def _names_in(node: ast.AST) -> set[str]:
+    """The engine names among the string constants of ``node`` (a constant or a literal
+    tuple/list/set of them)."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return {i.value for i in items if isinstance(i, ast.Constant) and i.value in ENGINE_NAMES}
+
+
+def engine_switches(source: str) -> list[tuple[str, int]]:
+    """(name, line) for every switch on an engine or layout name: ``x == "zero3"``,
+    ``x in ("local", ...)``, ``{"fsdp2": ...}[x]`` and ``case "deepspeed":``."""
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        found: set[str] = set()
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                found |= _names_in(side)
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict):
+            found = {k.value for k in node.value.keys
+                     if isinstance(k, ast.Constant) and k.value in ENGINE_NAMES}
+        elif isinstance(node, ast.MatchValue):
+            found = _names_in(node.value)
+        hits += [(name, node.lineno) for name in sorted(found)]
+    return hits
+
+
+def switch_violations(root: Path) -> list[str]:
+    """Engine/layout name switches outside the layout objects and the engine classes."""
+    problems = []
+    for path in sorted((root / PACKAGE).rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(ENGINE_HOMES):
+            continue
+        problems += [f"{rel}:{line}: switches on the engine/layout name {name!r}; ask the "
+                     f"layout object (sharding/layouts.py) or the engine class (train/engines)"
+                     for name, line in engine_switches(path.read_text())]
+    return problems
+
+
+def long_functions(root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Functions of the package longer than ``limit`` lines (decorators excluded)."""
+    problems = []
+    for path in sorted((root / PACKAGE).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    problems.append(f"{path.relative_to(root)}:{node.lineno}: {node.name} is "
+                                    f"{length} lines (at most {limit}); split it into phases")
+    return problems
+
+
+def bench_circles(root: Path) -> list[str]:
+    """Import circles among bench/'s scripts (they import their siblings by bare name)."""
+    scripts = {p.stem: p for p in (root / "bench").rglob("*.py")}
+    graph = {name: set() for name in scripts}
+    for name, path in scripts.items():
+        for target, _, _ in imports_of(path.read_text(), name, False, set(scripts)):
+            head = target.split(".")[0]
+            if head in scripts:
+                graph[name].add(head)
+    return [f"bench import circle: {' -> '.join(c)}" for c in cycles(graph)]
+
+
 # ------------------------------------------------------------------------------ the real tree
 def test_package_has_floors_and_no_circles():
     problems = violations(REPO)
@@ -217,9 +289,24 @@ def test_eval_bench_launch_use_the_public_api():
 
 
 def test_every_unit_is_known():
-    """A new subpackage must get a row in ALLOWED (and a floor in LAYOUT.md)."""
+    """A new subpackage must get a row in ALLOWED (and a floor in docs/layout.md)."""
     units = {unit_of(m) for m in package_modules(REPO)} - {""}
     assert units <= set(ALLOWED), sorted(units - set(ALLOWED))
+
+
+def test_no_engine_name_switch_outside_layouts_and_engines():
+    problems = switch_violations(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_no_function_over_100_lines():
+    problems = long_functions(REPO)
+    assert not problems, "\n".join(problems)
+
+
+def test_bench_scripts_import_no_circle():
+    problems = bench_circles(REPO)
+    assert not problems, "\n".join(problems)
 
 
 # ---------------------------------------------------------- the checker on synthetic trees
@@ -270,3 +357,44 @@ def test_checker_flags_internals_used_from_bench(tmp_path):
                                          "from riemann_zero import Riemannion\n")
     problems = outside_violations(root, ("bench",))
     assert len(problems) == 1 and "riemann_zero.manifold.span" in problems[0], problems
+
+
+@pytest.mark.parametrize(("source", "name"), [
+    ('if kind == "zero3":\n    pass\n', "zero3"),
+    ('ok = engine != "fsdp2"\n', "fsdp2"),
+    ('if layout in ("local", "x"):\n    pass\n', "local"),
+    ('how = {"zero12": 1, "other": 2}[kind]\n', "zero12"),
+    ('match engine:\n    case "deepspeed":\n        pass\n', "deepspeed"),
+])
+def test_checker_flags_each_engine_switch(source, name):
+    assert [n for n, _ in engine_switches(source)] == [name]
+
+
+def test_checker_accepts_engine_names_that_are_not_switches():
+    # A recipe's choice list, a lookup key and a logger name are data, not switches.
+    source = ('ENGINES = ("deepspeed", "fsdp2")\nx = cfg.get("deepspeed")\n'
+              'for n in ("deepspeed", "transformers"):\n    pass\nif e in ENGINES:\n    pass\n')
+    assert engine_switches(source) == []
+
+
+def test_checker_exempts_the_layout_and_engine_homes(tmp_path):
+    root = _tree(tmp_path, {"sharding/layouts.py": 'A = 1 if k == "zero3" else 2\n',
+                            "train/engines/ds.py": 'B = e == "deepspeed"\n',
+                            "train/loop.py": 'C = e == "deepspeed"\n'})
+    problems = switch_violations(root)
+    assert len(problems) == 1 and "train/loop.py:1" in problems[0], problems
+
+
+def test_checker_flags_a_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    root = _tree(tmp_path, {"optim/a.py": f"def short():\n    pass\n\n\ndef long():\n{body}"})
+    problems = long_functions(root)
+    assert len(problems) == 1 and "long is 101 lines" in problems[0], problems
+
+
+def test_checker_flags_a_bench_circle(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "a.py").write_text("from b import f\n")
+    (tmp_path / "bench" / "b.py").write_text("def f():\n    from a import g\n")
+    (tmp_path / "bench" / "c.py").write_text("import a\n")
+    assert bench_circles(tmp_path) == ["bench import circle: a -> b -> a"]

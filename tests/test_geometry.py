@@ -1,4 +1,4 @@
-"""Fixed-rank geometry (DESIGN §1) against the dense float64 oracle, over seeds and shapes.
+"""Fixed-rank geometry (docs/design.md §1) against the dense float64 oracle, over seeds and shapes.
 
 Tolerances: every factored operation is a handful of fp64 matmuls, QRs and a 2r×2r SVD, so it
 agrees with the dense oracle to ~1e-15 relative; 1e-10 leaves room for conditioning (random

@@ -1,4 +1,4 @@
-"""Adapter merging (DESIGN §9): LoRA cat / fixed_rank against dense float64 sums, gauge freedom,
+"""Adapter merging (docs/design.md §9): LoRA cat / fixed_rank against dense float64 sums, gauge freedom,
 OFT/BOFT geodesic and OrthoFuse against the dense SO(b) references, both Cayley conventions,
 stock-PEFT loading in a process without riemann_zero, and the one-line refusals.
 

@@ -1,5 +1,5 @@
 """Riemannion on a real (tiny, random) PEFT Llama against the dense float64 reference, and the
-properties DESIGN §2/§7 promise: factorisation independence, loss-scale behaviour of the two
+properties docs/design.md §2/§7 promise: factorisation independence, loss-scale behaviour of the two
 momentum buffers, zero/rank-deficient gradients, bf16 masters, exact resume, validation.
 
 Tolerances: fp64 steps are a few QR/SVD/matmuls per adapter; factored and dense agree to ~1e-15

@@ -129,7 +129,7 @@ def test_online_picks_expert_mode_where_offline_does_not():
     independent): every unfolding that puts the expert mode with one matrix mode has rank ≤ 3,
     while the expert-mode unfolding M_(0) (8 × out·in, one row per expert) has rank
     min(8, 3²) = 8, so its nuclear norm is the largest and online picks it. Offline picks the
-    most square (8·32) × 32 unfolding, blind to the structure (DESIGN §8)."""
+    most square (8·32) × 32 unfolding, blind to the structure (docs/design.md §8)."""
     gen = torch.Generator().manual_seed(7)
     u = torch.linalg.qr(torch.randn(32, 3, generator=gen, dtype=torch.float64))[0]
     v = torch.linalg.qr(torch.randn(32, 3, generator=gen, dtype=torch.float64))[0]

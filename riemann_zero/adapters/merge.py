@@ -1,4 +1,4 @@
-"""Merging stock PEFT adapters of one base model (DESIGN §9), without training.
+"""Merging stock PEFT adapters of one base model (docs/design.md §9), without training.
 
 LoRA sources (points Xᵢ = sᵢ Bᵢ Aᵢ on M_r; any rank, ``lora_alpha``, rsLoRA, rank/alpha patterns,
 different target sets: a module absent from a source contributes 0), weights wᵢ:

@@ -1,4 +1,4 @@
-"""Riemannion inside Hugging Face ``Trainer`` and TRL's ``SFTTrainer`` (DESIGN §10).
+"""Riemannion inside Hugging Face ``Trainer`` and TRL's ``SFTTrainer`` (docs/design.md §10).
 
 ``trainer`` holds the two classes (and how they fit into the Trainer), ``state`` what accelerate's
 distributed state needs on CPU processes (DeepSpeed and FSDP2 on gloo) and the FSDP2 sharding with

@@ -1,4 +1,4 @@
-"""Riemannion inside Hugging Face ``Trainer`` and TRL's ``SFTTrainer`` (DESIGN §10).
+"""Riemannion inside Hugging Face ``Trainer`` and TRL's ``SFTTrainer`` (docs/design.md §10).
 
 :class:`Trainer` (a ``transformers.Trainer``) and :class:`SFTTrainer` (a ``trl.SFTTrainer``) take
 everything their parents take plus

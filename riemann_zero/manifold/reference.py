@@ -121,7 +121,7 @@ def tensor_lmo(m: Tensor) -> tuple[Tensor, tuple[int, ...], float]:
     return d.permute(*inverse).contiguous(), rows, value
 
 
-# ------------------------------------------------------------------ merging (DESIGN §9)
+# ------------------------------------------------------------------ merging (docs/design.md §9)
 def weighted_sum(terms: list[tuple[float, Tensor, Tensor]]) -> Tensor:
     """Σ cᵢ Bᵢ Aᵢ as a dense m×n matrix, for (cᵢ = weight·scaling, Bᵢ, Aᵢ)."""
     return sum(c * (b.double() @ a.double()) for c, b, a in terms)

@@ -1,4 +1,4 @@
-"""Tensorion: Muon for tensors of any order (arXiv 2606.25975; DESIGN §8).
+"""Tensorion: Muon for tensors of any order (arXiv 2606.25975; docs/design.md §8).
 
 One class for 1..N ranks. Each whole tensor's direction is computed by one owner rank (round robin
 over the tensors of a param group); the other ranks send it their piece of the momentum and get
