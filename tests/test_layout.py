@@ -1,5 +1,5 @@
-"""The rank-2r PEFT block layout (docs/design.md §3): conversion keeps X, manifold_points, clear errors,
-and the exported adapter reproduces the trained model's logits in stock PEFT."""
+"""The rank-2r PEFT block layout (docs/design.md §3): conversion keeps X, manifold_points, clear
+errors, and the exported adapter reproduces the trained model's logits in stock PEFT."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""LOI (docs/design.md §4): the base shift leaves the model unchanged and the first Riemannian gradient
-is the best rank-2r approximation of the full gradient; LOI adapters export as stock PEFT."""
+"""LOI (docs/design.md §4): the base shift leaves the model unchanged and the first Riemannian
+gradient is the best rank-2r approximation of the full gradient; LOI adapters export as stock
+PEFT."""
 
 from __future__ import annotations
 

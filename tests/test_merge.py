@@ -1,6 +1,6 @@
-"""Adapter merging (docs/design.md §9): LoRA cat / fixed_rank against dense float64 sums, gauge freedom,
-OFT/BOFT geodesic and OrthoFuse against the dense SO(b) references, both Cayley conventions,
-stock-PEFT loading in a process without riemann_zero, and the one-line refusals.
+"""Adapter merging (docs/design.md §9): LoRA cat / fixed_rank against dense float64 sums, gauge
+freedom, OFT/BOFT geodesic and OrthoFuse against the dense SO(b) references, both Cayley
+conventions, stock-PEFT loading in a process without riemann_zero, and the one-line refusals.
 
 Tolerances: every source is float64, so exact identities hold to ~1e-10 after a few QR/SVD/solve
 steps on tiny matrices; the stock-PEFT logits are float32 (the script loads the base in float32),

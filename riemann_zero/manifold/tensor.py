@@ -1,9 +1,10 @@
 """Tensorion's geometry: unfoldings of a tensor of any order and the LMO of its tensor norm.
 
-arXiv 2606.25975 (abstract; docs/design.md §8). For a tensor M of shape (n₀, …, n_{d−1}) and a proper
-subset τ of the modes, the unfolding M_(τ) is the (Π_{i∈τ} nᵢ) × (Π_{i∉τ} nᵢ) matrix obtained by
-permuting the modes to (τ, τᶜ) and reshaping. M_(τᶜ) = M_(τ)ᵀ, so the admissible set is the
-2^{d−1} − 1 subsets that contain mode 0 (:func:`unfoldings`; for d = 2 only τ = {0}, M itself).
+arXiv 2606.25975 (abstract; docs/design.md §8). For a tensor M of shape (n₀, …, n_{d−1})
+and a proper subset τ of the modes, the unfolding M_(τ) is the (Π_{i∈τ} nᵢ) × (Π_{i∉τ} nᵢ)
+matrix obtained by permuting the modes to (τ, τᶜ) and reshaping. M_(τᶜ) = M_(τ)ᵀ, so the
+admissible set is the 2^{d−1} − 1 subsets that contain mode 0 (:func:`unfoldings`; for d = 2
+only τ = {0}, M itself).
 
 The norm whose unit ball is the convex hull of every unfolding's spectral-norm ball has the dual
 norm max_τ ‖M_(τ)‖_*, and its linear-minimisation oracle is −D with

@@ -1,7 +1,7 @@
 """Riemannion: Muon on the manifold of rank-r matrices.
 
-arXiv 2507.12142 v2, Algorithm 4, with the corrections of docs/design.md §2 (raw momentum, retraction of
-(1 − ηλ)X − ηD).
+arXiv 2507.12142 v2, Algorithm 4, with the corrections of docs/design.md §2 (raw momentum,
+retraction of (1 − ηλ)X − ηD).
 """
 
 from __future__ import annotations
