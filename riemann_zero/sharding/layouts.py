@@ -172,7 +172,7 @@ class LocalLayout(Layout):
 
     def piece(self, p: Tensor, flat: Tensor | None = None) -> Piece:
         grad = None if p.grad is None else p.grad.reshape(-1)
-        return Piece(0, p.numel(), p.data.view(-1), grad, whole=True)
+        return Piece(0, p.numel(), p.data.view(-1), grad, whole=self.whole)
 
     @torch.no_grad()
     def write(self, p: Tensor, value: Tensor) -> None:
@@ -254,15 +254,14 @@ class Zero3Layout(Layout):
         return held
 
     @staticmethod
-    def partition(p: Tensor) -> Tensor:
-        """The flat fp32 sub-group partition that holds p's master."""
-        opt = p._z3_optimizer
-        return opt.fp32_partitioned_groups_flat[opt.grad_position[opt.get_param_id(p)][0]]
-
-    def piece(self, p: Tensor, flat: Tensor | None = None) -> Piece:
+    def _partition(p: Tensor) -> tuple[Tensor, int]:
+        """(the flat fp32 sub-group partition that holds p's master, p's offset in it)."""
         opt = p._z3_optimizer
         gid, offset, _ = opt.grad_position[opt.get_param_id(p)]
-        part = opt.fp32_partitioned_groups_flat[gid]
+        return opt.fp32_partitioned_groups_flat[gid], offset
+
+    def piece(self, p: Tensor, flat: Tensor | None = None) -> Piece:
+        part, offset = self._partition(p)
         start, stop = zero3_chunk(p)
         numel = max(0, stop - start)
         if numel == 0:
@@ -272,7 +271,7 @@ class Zero3Layout(Layout):
 
     def in_partition(self, p: Tensor, flat: Tensor) -> bool:
         ptr = flat.untyped_storage().data_ptr()
-        return self.partition(p).untyped_storage().data_ptr() == ptr
+        return self._partition(p)[0].untyped_storage().data_ptr() == ptr
 
     @staticmethod
     def _master(p: Tensor) -> Tensor | None:

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from riemann_zero.sharding.comm import CountingAllReduce, CountingAllToAll
 from riemann_zero.sharding.exchange import PieceExchange, chunk
-from riemann_zero.sharding.layouts import FSDP2, LOCAL, Layout, is_dtensor, layout_of
+from riemann_zero.sharding.layouts import FSDP2, LOCAL, Layout, layout_of
 from riemann_zero.sharding.params import AdapterLike
 from riemann_zero.sharding.zero import Zero3Shards, ZeroFlatShards
 
@@ -117,7 +117,7 @@ class FsdpShards:
         self.rank = dist.get_rank(self.group)
         for ad in adapters:
             a, b = ad.lora_A, ad.lora_B
-            if not (is_dtensor(a) and is_dtensor(b)):
+            if not (FSDP2.claims(a) and FSDP2.claims(b)):
                 raise ValueError(f"{ad.name}: under FSDP2 both lora_A and lora_B must be sharded "
                                  "(apply fully_shard to the module holding the adapter)")
             if tuple(b.placements) != (Shard(0),) or tuple(a.placements) not in ((Shard(0),),
