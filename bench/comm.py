@@ -3,7 +3,7 @@
 Computed part (Llama-3-8B adapters on q, k, v, up, down of 32 layers; r = 8…64; world 8…1024): the
 optimizer's bytes per step from the same shape model the tests check against the live counters
 (``riemann_zero.sharding.accounting.step_bytes``; under ZeRO the busiest rank, ZeRO-1/2 with the
-flat layout modelled by ``zero12_fragments``), next to (a) the engine's gradient reduction plus
+flat layout modelled by ``zero12_pieces``), next to (a) the engine's gradient reduction plus
 parameter all-gather for the adapters and (b) a design that gathers every full factor (m×2r, n×2r)
 before stepping. Measured part (``--measure``): a tiny Llama on gloo with world 2–4 under FSDP2,
 ZeRO-2 and ZeRO-3, every rank's own counters after one step, and the prediction for that rank.
@@ -31,7 +31,7 @@ from riemann_zero.sharding.accounting import (  # noqa: E402
     engine_grad_bytes,
     gather_factor_bytes,
     step_bytes,
-    zero12_fragments,
+    zero12_pieces,
 )
 
 # Llama-3-8B: hidden 4096, 8 KV heads × 128, MLP 14336, 32 layers. (m = out, n = in)
@@ -52,7 +52,7 @@ def busiest(shapes: list[tuple[int, int, int]], layout: str, world: int) -> int:
     if layout == "fsdp2":  # the same on every rank
         return sum(step_bytes(shapes, layout, world).values())
     return max(sum(step_bytes(shapes, layout, world, rank,
-                              zero12_fragments(shapes, world, rank) if layout == "zero12" else None
+                              zero12_pieces(shapes, world, rank) if layout == "zero12" else None
                               ).values()) for rank in range(world))
 
 
@@ -133,7 +133,7 @@ def _rank(rank: int, world: int, port: int, engine: str, r: int, queue) -> None:
         inner.step()
     shapes = [(ad.m, ad.n, ad.r) for ad in inner.adapters.values()]
     layout = {"zero2": "zero12"}.get(engine, engine)
-    frags = ([inner.shards.fragments(ad) for ad in inner.adapters.values()]
+    frags = ([inner.shards.pieces(ad) for ad in inner.adapters.values()]
              if layout == "zero12" else None)
     predicted = dict(step_bytes(shapes, layout, world, rank, frags))
     queue.put((rank, dict(inner.last_step_comm), predicted, engine_grad_bytes(shapes, 3),

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from riemann_zero.sharding.exchange import (
-    FragmentExchange,
+    PieceExchange,
     check_tiling,
     column_bounds,
     exchange_counts,
@@ -112,7 +112,7 @@ def check(r: int, m: int, n: int, world: int, frags_a: torch.Tensor,
         return t.reshape(-1)[s: s + k]
 
     def rank_fn(p: int):
-        ex = FragmentExchange(r, m, n, frags_a, frags_b, p)
+        ex = PieceExchange(r, m, n, frags_a, frags_b, p)
         call = fake.all_to_all(p)
         bs = None if frags_b is None else (piece(b, frags_b[p]), piece(gb, frags_b[p]))
         rb, rgb, at, gat = ex.read(piece(a, frags_a[p]), piece(ga, frags_a[p]),

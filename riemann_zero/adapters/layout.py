@@ -88,7 +88,7 @@ def set_point(ad: Adapter, u: Tensor, v: Tensor, k: Tensor) -> None:
     every rank).
     """
     a, b = ad.lora_A, ad.lora_B
-    if layout_of(a) != "local" or layout_of(b) != "local":
+    if not (layout_of(a).whole and layout_of(b).whole):
         assign(b, torch.cat([torch.zeros_like(u), u], dim=1))
         assign(a, torch.cat([v, k], dim=1).mT)
         return

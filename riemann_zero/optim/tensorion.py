@@ -185,15 +185,11 @@ class Tensorion(torch.optim.Optimizer):
         """(name, parameter, logical shape) of the tensors stepped now, and the flat partition
         the engine handed over (ZeRO), if any."""
         entries = [(n, *self._tensors[n]) for n in group["tensor_names"]]
-        kind = layout_of(entries[0][1])
-        if kind not in ("zero12", "zero3"):
+        layout = layout_of(entries[0][1])
+        if not layout.flat:
             return entries, None
-        flat = group["params"][0]
-        if kind == "zero3":  # only the tensors of the sub-group DeepSpeed is stepping
-            ptr = flat.untyped_storage().data_ptr()
-            entries = [e for e in entries
-                       if sh.zero3_partition(e[1]).untyped_storage().data_ptr() == ptr]
-        return entries, flat
+        flat = group["params"][0]  # ZeRO-3: only the tensors of the sub-group being stepped
+        return [e for e in entries if layout.in_partition(e[1], flat)], flat
 
     def _step_group(self, group: dict, comm: Counter) -> bool:
         """One step of the group's tensors held now; False if there were none."""

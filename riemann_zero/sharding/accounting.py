@@ -10,12 +10,18 @@ one rank: for an all-to-all, that rank's send buffer). Counts follow the step in
   (2 · 2r × r): 5 r²;
 - n side: VᵀV, two passes of [V | M_K] and S = VᵀK: 6 r² (every engine: the n side is always
   row-sharded, natively under FSDP2 with lora_A on ``Shard(1)``, by the exchange otherwise);
-- ZeRO-1/2/3 and FSDP2 with lora_A on ``Shard(0)``: the exchange of flat fragments into row
+- ZeRO-1/2/3 and FSDP2 with lora_A on ``Shard(0)``: the exchange of flat pieces into row
   blocks, fp32 (:func:`~riemann_zero.sharding.exchange.exchange_counts`): out, this rank's
-  lora_A fragment, its K-block part again (gradients) and twice its leading partial lora_B row;
+  lora_A piece, its K-block part again (gradients) and twice its leading partial lora_B row;
   back, its Aᵀ row block (2r·n_j, n_j ≈ n/world) and the part of its last lora_B row that later
-  ranks hold. It depends on the rank's fragments: computed for ZeRO-3 (ceil(numel/world) chunks)
-  and FSDP2 (torch.chunk rows); passed in for ZeRO-1/2 (DeepSpeed's flat layout decides them).
+  ranks hold. It depends on the rank's pieces: the layout models them from the shapes
+  (:meth:`~riemann_zero.sharding.layouts.Layout.exchange_pieces`: ZeRO-3's ceil(numel/world)
+  chunks, FSDP2's torch.chunk rows); they are passed in for ZeRO-1/2 (DeepSpeed's flat layout
+  decides them; :func:`zero12_pieces` models it).
+
+A layout is a :class:`~riemann_zero.sharding.layouts.Layout` or its name
+(:func:`~riemann_zero.sharding.layouts.layout_named`: ``local``, ``zero12``, ``zero3``,
+``fsdp2``, or an engine name such as ``zero2`` or ``ddp``).
 
 No term grows with m·n, and none with a whole factor: the per-rank bytes fall with the world.
 Comparisons for the benchmark: :func:`engine_grad_bytes` (what the engine already reduces for
@@ -28,67 +34,65 @@ from __future__ import annotations
 from collections import Counter
 
 from riemann_zero.sharding.exchange import chunk, exchange_counts
+from riemann_zero.sharding.layouts import Layout, Span, layout_named
 
-__all__ = ["GRAM_M", "GRAM_N", "step_bytes", "zero12_fragments", "engine_grad_bytes",
+__all__ = ["GRAM_M", "GRAM_N", "step_bytes", "zero12_pieces", "engine_grad_bytes",
            "gather_factor_bytes", "tensorion_step_bytes"]
 
 FP64, FP32 = 8, 4
 GRAM_M, GRAM_N = 5, 6  # r×r blocks all-reduced per adapter and step (see the module docstring)
 
-Frag = tuple[int, int]  # (start, numel) of a row-major flattened parameter on one rank
 
-def zero12_fragments(shapes: list[tuple[int, int, int]], world: int, rank: int
-                     ) -> list[tuple[Frag, Frag]]:
+def _layout(layout: Layout | str) -> Layout:
+    return layout_named(layout) if isinstance(layout, str) else layout
+
+
+def zero12_pieces(shapes: list[tuple[int, int, int]], world: int, rank: int
+                  ) -> list[tuple[Span, Span]]:
     """A model of ZeRO-1/2's flat layout for the benchmark: the adapters' lora_B, lora_A (in the
     optimizer's group order) concatenated and cut into ``world`` ceil-sized pieces (DeepSpeed's
-    alignment padding ignored). Returns this rank's ((lora_A), (lora_B)) fragment per adapter."""
+    alignment padding ignored). Returns this rank's ((lora_A), (lora_B)) piece per adapter."""
     total = sum(2 * r * (m + n) for m, n, r in shapes)
     lo, hi = chunk(total, world, rank)[0], sum(chunk(total, world, rank))
     out, pos = [], 0
     for m, n, r in shapes:
-        frags = []
+        pieces = []
         for numel in (2 * r * m, 2 * r * n):  # lora_B then lora_A
             s, e = max(lo, pos), min(hi, pos + numel)
-            frags.append((s - pos, e - s) if e > s else (0, 0))
+            pieces.append((s - pos, e - s) if e > s else (0, 0))
             pos += numel
-        out.append((frags[1], frags[0]))
+        out.append((pieces[1], pieces[0]))
     return out
 
 
-def step_bytes(shapes: list[tuple[int, int, int]], layout: str, world: int, rank: int = 0,
-               fragments: list[tuple[Frag, Frag]] | None = None) -> Counter:
+def step_bytes(shapes: list[tuple[int, int, int]], layout: Layout | str, world: int,
+               rank: int = 0, pieces: list[tuple[Span, Span]] | None = None) -> Counter:
     """Predicted ``last_step_comm`` of one Riemannion step on one rank.
 
     Args:
         shapes: (m, n, r) of every adapter.
-        layout: ``"fsdp2"`` (lora_A on Shard(1) where world | n, else Shard(0)), ``"zero3"``,
-            ``"zero12"``, or ``"local"``.
+        layout: the engine's layout or its name; FSDP2 puts lora_A on Shard(1) where world | n,
+            else Shard(0).
         world: data-parallel world size.
         rank: the rank whose bytes to predict (the exchange's share depends on it).
-        fragments: for ``"zero12"`` (required there), this rank's ((start, numel) of lora_A,
-            (start, numel) of lora_B) per adapter; computed for the other layouts.
+        pieces: this rank's ((start, numel) of lora_A, (start, numel) of lora_B) per adapter;
+            required under ZeRO-1/2, modelled from the shapes by the other layouts.
     """
+    layout = _layout(layout)
     out: Counter = Counter()
-    if layout == "local" or world == 1:
+    if layout.whole or world == 1:
         return out
-    if layout not in ("fsdp2", "zero3", "zero12"):
-        raise ValueError(
-            f"layout must be 'fsdp2', 'zero3', 'zero12' or 'local', but got {layout!r}")
-    if layout == "zero12" and (fragments is None or len(fragments) != len(shapes)):
-        raise ValueError("zero12: pass this rank's (lora_A, lora_B) fragments per adapter "
-                         "(DeepSpeed's flat layout decides them; zero12_fragments models it)")
-    for i, (m, n, r) in enumerate(shapes):
+    if pieces is None:
+        pieces = [layout.exchange_pieces(r, m, n, world, rank) for m, n, r in shapes]
+    elif len(pieces) != len(shapes):
+        raise ValueError(f"pieces: pass this rank's (lora_A, lora_B) pieces for each of the "
+                         f"{len(shapes)} adapters, but got {len(pieces)}")
+    for (_, n, r), exchanged in zip(shapes, pieces):
         out["all_reduce.gram_m"] += GRAM_M * r * r * FP64
         out["all_reduce.gram_n"] += GRAM_N * r * r * FP64
-        if layout == "fsdp2":
-            if n % world == 0:  # Shard(1): row blocks of Aᵀ already
-                continue
-            frag_a, frag_b = chunk(2 * r * n, world, rank, unit=n), None
-        elif layout == "zero3":
-            frag_a, frag_b = chunk(2 * r * n, world, rank), chunk(2 * r * m, world, rank)
-        else:
-            frag_a, frag_b = fragments[i]
-        there, back = exchange_counts(r, n, frag_a, frag_b, rank, world)
+        if exchanged is None:  # the engine's own layout gives row blocks already
+            continue
+        there, back = exchange_counts(r, n, *exchanged, rank, world)
         out["all_to_all.exchange"] += there * FP32
         out["all_to_all.exchange_back"] += back * FP32
     return out
@@ -108,7 +112,7 @@ def gather_factor_bytes(shapes: list[tuple[int, int, int]], world: int) -> int:
     return sum(2 * (m + n) * 2 * r for m, n, r in shapes) * FP32 * (world - 1) // world
 
 
-def tensorion_step_bytes(numels: list[int], layout: str, world: int) -> Counter:
+def tensorion_step_bytes(numels: list[int], layout: Layout | str, world: int) -> Counter:
     """Predicted ``Tensorion.last_step_comm`` of one step (fp32 tensors of ``numels`` elements).
 
     Each tensor's owner receives the momentum as one zero-padded ``reduce`` of the whole tensor
@@ -116,11 +120,12 @@ def tensorion_step_bytes(numels: list[int], layout: str, world: int) -> Counter:
     direction plus the chosen unfolding as one ``broadcast`` of numel + 1 numbers. Whole-tensor
     traffic, as every Muon that rebuilds matrices has (Tensorion's LMO needs the whole tensor).
     """
+    layout = _layout(layout)
     out: Counter = Counter()
     if world == 1:
         return out
     for numel in numels:
-        if layout != "local":
+        if not layout.whole:
             out["reduce.momentum"] += numel * FP32
         out["broadcast.direction"] += (numel + 1) * FP32
     return out

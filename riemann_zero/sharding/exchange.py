@@ -1,4 +1,4 @@
-"""The transposing exchange: flat fragments of an adapter's factors ↔ the row blocks it steps.
+"""The transposing exchange: flat pieces of an adapter's factors ↔ the row blocks it steps.
 
 Under ZeRO-1/2/3 (and FSDP2 with lora_A on ``Shard(0)``) each rank holds the elements
 ``[start, start + numel)`` of the row-major flattened lora_A (2r × n) and lora_B (m × 2r), cut
@@ -7,14 +7,14 @@ all-reduced Gram). Two moves give it them, both in ONE ``all_to_all_single`` per
 
 - **n side (columns of lora_A).** Rank j owns columns [c_j, c_{j+1}) of lora_A, i.e. rows of
   Aᵀ = [V | K], with c_j = ⌊j·n/world⌋ (:func:`column_bounds`; none when n < world and j draws an
-  empty block). Every rank sends each owner the values of its fragment in that owner's columns,
+  empty block). Every rank sends each owner the values of its piece in that owner's columns,
   and the gradients of those in the K block (rows r … 2r−1 of lora_A; the V block's gradient is
   used by no algorithm and stays zero): about 3·r·n/world numbers per rank.
 - **m side (rows of lora_B cut between ranks).** A row belongs to the rank holding its first
-  element; a rank whose fragment starts mid-row sends that leading part (values and gradients,
+  element; a rank whose piece starts mid-row sends that leading part (values and gradients,
   fewer than 2·2r numbers) to the row's owner.
 
-After the step one reverse ``all_to_all_single`` returns the new values to the fragment holders.
+After the step one reverse ``all_to_all_single`` returns the new values to the piece holders.
 Which element goes where depends only on every rank's (start, numel), known once at setup, so the
 index plans (:class:`Plan`) are built once per adapter and cached; a step runs one
 ``index_select``, the all-to-all and one ``index_copy_`` each way. Nothing m × n, nor a whole
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FragmentExchange", "Route", "Plan", "column_bounds", "chunk", "owned_rows", "holders",
+__all__ = ["PieceExchange", "Route", "Plan", "column_bounds", "chunk", "owned_rows", "holders",
            "check_tiling", "lora_a_routes", "boundary_route", "exchange_counts"]
 
 AllToAll = Callable[[Tensor, list[int], list[int]], Tensor]
@@ -51,8 +51,8 @@ def chunk(numel: int, world: int, rank: int, unit: int = 1) -> tuple[int, int]:
 
 
 def owned_rows(start: int, numel: int, cols: int) -> tuple[int, int, int]:
-    """(first, end, head) of the fragment [start, start + numel) of a row-major (·, cols) matrix:
-    rows [first, end) start inside the fragment and are owned here (the last one may continue on
+    """(first, end, head) of the piece [start, start + numel) of a row-major (·, cols) matrix:
+    rows [first, end) start inside the piece and are owned here (the last one may continue on
     later ranks); the leading ``head`` elements belong to row first − 1, owned by an earlier
     rank."""
     if numel == 0:
@@ -63,22 +63,22 @@ def owned_rows(start: int, numel: int, cols: int) -> tuple[int, int, int]:
     return first, max(first, end), head
 
 
-def check_tiling(frags: Tensor, numel: int, what: str) -> None:
-    """Raise unless the non-empty (start, numel) rows of ``frags`` tile [0, numel) exactly."""
-    keep = frags[frags[:, 1] > 0]
+def check_tiling(pieces: Tensor, numel: int, what: str) -> None:
+    """Raise unless the non-empty (start, numel) rows of ``pieces`` tile [0, numel) exactly."""
+    keep = pieces[pieces[:, 1] > 0]
     keep = keep[torch.argsort(keep[:, 0])]
     ends = torch.cat([keep.new_zeros(1), (keep[:, 0] + keep[:, 1])])
     if not (bool((keep[:, 0] == ends[:-1]).all()) and int(ends[-1]) == numel):
-        raise ValueError(f"{what}: the ranks' flat fragments {keep.tolist()} do not tile its "
+        raise ValueError(f"{what}: the ranks' flat pieces {keep.tolist()} do not tile its "
                          f"{numel} elements; the engine must partition every adapter parameter "
                          "exactly once (one data-parallel group, no replicated copies)")
 
 
-def holders(frags: Tensor, idx: Tensor) -> Tensor:
-    """The rank whose fragment holds each flat index in ``idx`` (``frags``: (world, 2) start,
+def holders(pieces: Tensor, idx: Tensor) -> Tensor:
+    """The rank whose piece holds each flat index in ``idx`` (``pieces``: (world, 2) start,
     numel, tiling the parameter; see :func:`check_tiling`)."""
-    ranks = torch.nonzero(frags[:, 1] > 0).flatten()
-    starts, order = torch.sort(frags[ranks, 0])
+    ranks = torch.nonzero(pieces[:, 1] > 0).flatten()
+    starts, order = torch.sort(pieces[ranks, 0])
     return ranks[order][torch.searchsorted(starts, idx, right=True) - 1]
 
 
@@ -132,18 +132,18 @@ class Plan:
         return list(out.split(self.dst_sizes))
 
 
-def lora_a_routes(r: int, n: int, frags: Tensor, rank: int) -> tuple[Route, Route]:
-    """(values, K-block gradients): this rank's fragment of lora_A (2r × n, row-major) → the
+def lora_a_routes(r: int, n: int, pieces: Tensor, rank: int) -> tuple[Route, Route]:
+    """(values, K-block gradients): this rank's piece of lora_A (2r × n, row-major) → the
     column owners, landing in each owner's row block of Aᵀ (n_j × 2r, row-major).
 
     Args:
-        frags: (world, 2) int64 (start, numel) of every rank's fragment of lora_A.
-        rank: this rank's index in ``frags``.
+        pieces: (world, 2) int64 (start, numel) of every rank's piece of lora_A.
+        rank: this rank's index in ``pieces``.
     """
-    world = frags.shape[0]
+    world = pieces.shape[0]
     bounds = torch.tensor(column_bounds(n, world))
     # Sender: my elements, grouped by the owner of their column (flat order inside a group).
-    start, numel = frags[rank].tolist()
+    start, numel = pieces[rank].tolist()
     e = torch.arange(start, start + numel)
     owner = torch.searchsorted(bounds, e % n, right=True) - 1
     order = torch.argsort(owner, stable=True)
@@ -154,7 +154,7 @@ def lora_a_routes(r: int, n: int, frags: Tensor, rank: int) -> tuple[Route, Rout
     cols = torch.arange(lo, hi).unsqueeze(0)
     mine = (rows * n + cols).reshape(-1)
     pos = ((cols - lo) * 2 * r + rows).reshape(-1)  # (col − lo, row) of Aᵀ's block
-    held = holders(frags, mine) if mine.numel() else mine
+    held = holders(pieces, mine) if mine.numel() else mine
     by = torch.argsort(held, stable=True)
     held, pos, k_recv = held[by], pos[by], mine[by] >= r * n
     values = Route(order, owner, pos, held)
@@ -162,19 +162,19 @@ def lora_a_routes(r: int, n: int, frags: Tensor, rank: int) -> tuple[Route, Rout
     return values, grads
 
 
-def boundary_route(r: int, frags: Tensor, rank: int) -> Route:
-    """The leading partial row of each rank's fragment of lora_B (m × 2r) → the row's owner,
+def boundary_route(r: int, pieces: Tensor, rank: int) -> Route:
+    """The leading partial row of each rank's piece of lora_B (m × 2r) → the row's owner,
     landing in the owner's last row (positions in its owned rows, row-major).
 
     Args:
-        frags: (world, 2) int64 (start, numel) of every rank's fragment of lora_B.
-        rank: this rank's index in ``frags``.
+        pieces: (world, 2) int64 (start, numel) of every rank's piece of lora_B.
+        rank: this rank's index in ``pieces``.
     """
     c = 2 * r
-    rows = [owned_rows(s, k, c) for s, k in frags.tolist()]
+    rows = [owned_rows(s, k, c) for s, k in pieces.tolist()]
     senders = [p for p, (_, _, head) in enumerate(rows) if head > 0]
-    row_start = torch.tensor([frags[p, 0].item() // c * c for p in senders], dtype=torch.int64)
-    owner = holders(frags, row_start).tolist() if senders else []
+    row_start = torch.tensor([pieces[p, 0].item() // c * c for p in senders], dtype=torch.int64)
+    owner = holders(pieces, row_start).tolist() if senders else []
     empty = torch.zeros(0, dtype=torch.int64)
     send_idx, send_to, recv_pos, recv_from = empty, empty, [empty], [empty]
     for p, o in zip(senders, owner):
@@ -182,42 +182,42 @@ def boundary_route(r: int, frags: Tensor, rank: int) -> Route:
         if p == rank:
             send_idx, send_to = torch.arange(head), torch.full((head,), o)
         if o == rank:
-            start = int(frags[p, 0])
+            start = int(pieces[p, 0])
             at = (start // c - rows[rank][0]) * c + start % c
             recv_pos.append(torch.arange(at, at + head))
             recv_from.append(torch.full((head,), p))
     return Route(send_idx, send_to, torch.cat(recv_pos), torch.cat(recv_from))
 
 
-class FragmentExchange:
-    """One adapter's exchange between this rank's flat fragments and its row blocks.
+class PieceExchange:
+    """One adapter's exchange between this rank's flat pieces and its row blocks.
 
     Args:
         r, m, n: the adapter's rank and shape (lora_B m × 2r, lora_A 2r × n).
-        frags_a: (world, 2) int64 (start, numel) of every rank's fragment of lora_A.
-        frags_b: the same for lora_B, or None where lora_B rows are never cut (FSDP2).
+        pieces_a: (world, 2) int64 (start, numel) of every rank's piece of lora_A.
+        pieces_b: the same for lora_B, or None where lora_B rows are never cut (FSDP2).
         rank: this rank's index in the group.
-        device: where the index plans live (the fragments' device).
+        device: where the index plans live (the pieces' device).
     """
 
-    def __init__(self, r: int, m: int, n: int, frags_a: Tensor, frags_b: Tensor | None,
+    def __init__(self, r: int, m: int, n: int, pieces_a: Tensor, pieces_b: Tensor | None,
                  rank: int, device: torch.device | str = "cpu") -> None:
-        world = frags_a.shape[0]
-        check_tiling(frags_a, 2 * r * n, "lora_A")
+        world = pieces_a.shape[0]
+        check_tiling(pieces_a, 2 * r * n, "lora_A")
         bounds = column_bounds(n, world)
         self.c, self.n_rows = 2 * r, bounds[rank + 1] - bounds[rank]
-        self.len_a = int(frags_a[rank, 1])
-        values, grads = lora_a_routes(r, n, frags_a, rank)
+        self.len_a = int(pieces_a[rank, 1])
+        values, grads = lora_a_routes(r, n, pieces_a, rank)
         block = self.n_rows * self.c
         fwd, back = [values, grads], [values.reversed()]
         src, dst = [self.len_a] * 2, [block] * 2
         self.rows = None
-        if frags_b is not None:
-            check_tiling(frags_b, 2 * r * m, "lora_B")
-            self.len_b = int(frags_b[rank, 1])
-            first, end, self.head = owned_rows(int(frags_b[rank, 0]), self.len_b, self.c)
+        if pieces_b is not None:
+            check_tiling(pieces_b, 2 * r * m, "lora_B")
+            self.len_b = int(pieces_b[rank, 1])
+            first, end, self.head = owned_rows(int(pieces_b[rank, 0]), self.len_b, self.c)
             self.rows = end - first
-            heads = boundary_route(r, frags_b, rank)
+            heads = boundary_route(r, pieces_b, rank)
             fwd += [heads, heads]
             back += [heads.reversed()]
             src += [self.len_b] * 2
@@ -229,8 +229,8 @@ class FragmentExchange:
 
     def read(self, a: Tensor, ga: Tensor, b: Tensor | None, gb: Tensor | None,
              all_to_all: AllToAll) -> tuple[Tensor | None, Tensor | None, Tensor, Tensor]:
-        """(B rows, their gradient, Aᵀ rows, their gradient) from the flat fragments ``a``,
-        ``ga`` of lora_A and ``b``, ``gb`` of lora_B (None without ``frags_b``): one all-to-all.
+        """(B rows, their gradient, Aᵀ rows, their gradient) from the flat pieces ``a``,
+        ``ga`` of lora_A and ``b``, ``gb`` of lora_B (None without ``pieces_b``): one all-to-all.
         The V block of the Aᵀ gradient is zero."""
         srcs = [a, ga] if self.rows is None else [a, ga, b, gb]
         out = self.fwd.run(srcs, all_to_all)
@@ -243,7 +243,7 @@ class FragmentExchange:
 
     def write(self, b: Tensor | None, at: Tensor, all_to_all: AllToAll
               ) -> tuple[Tensor, Tensor | None]:
-        """New values of this rank's fragments of lora_A and lora_B (None without ``frags_b``)
+        """New values of this rank's pieces of lora_A and lora_B (None without ``pieces_b``)
         from the new row blocks ``b`` (rows × 2r) and ``at`` (n_j × 2r): one all-to-all."""
         srcs = [at.reshape(-1)] if self.rows is None else [at.reshape(-1), b.reshape(-1)]
         out = self.back.run(srcs, all_to_all)
@@ -253,22 +253,22 @@ class FragmentExchange:
         return out[0], out[1]
 
 
-def exchange_counts(r: int, n: int, frag_a: tuple[int, int], frag_b: tuple[int, int] | None,
+def exchange_counts(r: int, n: int, piece_a: tuple[int, int], piece_b: tuple[int, int] | None,
                     rank: int, world: int) -> tuple[int, int]:
     """Elements this rank sends in the exchange (forward, back) for one adapter, from its own
-    fragments alone (``frag_b`` None: lora_B rows are whole, no boundary rows).
+    pieces alone (``piece_b`` None: lora_B rows are whole, no boundary rows).
 
-    Forward: its lora_A fragment, the part of it in the K block (gradients), and twice its lora_B
+    Forward: its lora_A piece, the part of it in the K block (gradients), and twice its lora_B
     head (values, gradients). Back: its whole column block of Aᵀ (n_j × 2r) and the elements of
     its last lora_B row that later ranks hold.
     """
-    start, numel = frag_a
+    start, numel = piece_a
     k_part = max(0, min(start + numel, 2 * r * n) - max(start, r * n))
     block = (rank + 1) * n // world - rank * n // world  # my columns (see column_bounds)
     fwd, back = numel + k_part, 2 * r * block
-    if frag_b is not None:
-        first, end, head = owned_rows(*frag_b, 2 * r)
-        own = min((end - first) * 2 * r, frag_b[1] - head)
+    if piece_b is not None:
+        first, end, head = owned_rows(*piece_b, 2 * r)
+        own = min((end - first) * 2 * r, piece_b[1] - head)
         fwd += 2 * head
         back += (end - first) * 2 * r - own if end > first else 0
     return fwd, back

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from riemann_zero.sharding.params import dtensor_rows, held_whole, layout_of, zero3_chunk
+from riemann_zero.sharding.layouts import layout_of, stored_shape
 
 __all__ = ["checkpoint_files", "CheckpointReader", "load_local_parts", "checkpoint_keys"]
 
@@ -117,10 +117,6 @@ def checkpoint_keys(model: nn.Module, prefixes: dict[int, str] | None = None
         yield names[key], p
 
 
-def _full_shape(p: Tensor) -> tuple[int, ...]:
-    return tuple(p.ds_shape) if layout_of(p) == "zero3" else tuple(p.shape)
-
-
 def _fill(reader: CheckpointReader, key: str, dst: Tensor, start: int) -> None:
     """dst (contiguous) ← elements [start, start + dst.numel()) of tensor ``key``."""
     flat = dst.view(-1)
@@ -131,25 +127,15 @@ def _fill(reader: CheckpointReader, key: str, dst: Tensor, start: int) -> None:
 
 @torch.no_grad()
 def _read_into(p: Tensor, reader: CheckpointReader, key: str) -> None:
-    kind = layout_of(p)
-    if kind == "zero3":
-        if held_whole(p):  # kept whole on every rank: small
-            _fill(reader, key, p.data, 0)
-        start, stop = zero3_chunk(p)
-        if stop > start:
-            _fill(reader, key, p.ds_tensor.data.view(-1)[: stop - start], start)
-        return
-    if kind == "fsdp2":
-        local = p.to_local()
-        if tuple(pl.dim for pl in p.placements if hasattr(pl, "dim")) != (0,):
-            raise ValueError(f"partitioned loading reads Shard(0) weights, but {key} is laid "
-                             f"out as {p.placements}")
-        sl = dtensor_rows(p.shape[0], p)
-        row = int(torch.Size(p.shape[1:]).numel())
-        if sl.stop > sl.start:
-            _fill(reader, key, local, sl.start * row)
-        return
-    _fill(reader, key, p.data, 0)
+    """Every tensor on this rank that stores a range of p (its layout's ``storage``) ← that range
+    of tensor ``key``."""
+    try:
+        held = layout_of(p).storage(p)
+    except ValueError as err:
+        raise ValueError(f"partitioned loading of {key}: {err}") from None
+    for start, flat in held:
+        if flat.numel():
+            _fill(reader, key, flat, start)
 
 
 def load_local_parts(model: nn.Module, folder: str | Path,
@@ -175,7 +161,7 @@ def load_local_parts(model: nn.Module, folder: str | Path,
             raise KeyError(f"the checkpoint in {folder} has no tensor for parameter "
                            f"{names[0]}; set model.partitioned_load=false to load it with "
                            f"transformers instead")
-        stored, want = reader.shape(key), _full_shape(p)
+        stored, want = reader.shape(key), stored_shape(p)
         if stored != want:
             raise ValueError(f"{key}: the checkpoint holds shape {stored}, the model "
                              f"expects {want}")

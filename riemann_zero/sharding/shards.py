@@ -12,15 +12,16 @@ The manifold optimizers see an adapter only through a *shards* object:
   ``"<collective>.<purpose>"`` (payload size: what one rank passes to the call; for an
   all-to-all, its send buffer).
 
-Layouts (picked by :func:`resolve_shards` from what the model parameters look like at the first
-step, once an engine has laid them out):
+One shards class per layout (:mod:`riemann_zero.sharding.layouts`; :func:`resolve_shards` picks
+the class whose ``layout`` the adapters' parameters have at the first step, once an engine has
+laid them out):
 
 - no engine / DDP / ZeRO-0 fp32: :class:`LocalShards`, every reduction the identity;
 - FSDP2 (DTensor parameters): :class:`FsdpShards`, lora_B rows and lora_Aᵀ rows (lora_A on
   ``Shard(1)``) are this rank's local tensors, Grams all-reduced; lora_A on ``Shard(0)`` (rows
   of lora_A, where the world does not divide n) is transposed into row blocks of Aᵀ by the
   exchange of :mod:`riemann_zero.sharding.exchange`;
-- DeepSpeed ZeRO-1/2 (``_hp_mapping``) and ZeRO-3 (``ds_id``): flat fragments, turned into row
+- DeepSpeed ZeRO-1/2 (``_hp_mapping``) and ZeRO-3 (``ds_id``): flat pieces, turned into row
   blocks of B and Aᵀ by the same exchange, see :mod:`riemann_zero.sharding.zero`.
 
 Adapters are seen only through :class:`~riemann_zero.sharding.params.AdapterLike` (name, r, m,
@@ -36,11 +37,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from riemann_zero.sharding.comm import CountingAllReduce, CountingAllToAll
-from riemann_zero.sharding.exchange import FragmentExchange, chunk
-from riemann_zero.sharding.params import AdapterLike, is_dtensor, layout_of
+from riemann_zero.sharding.exchange import PieceExchange, chunk
+from riemann_zero.sharding.layouts import FSDP2, LOCAL, Layout, layout_of
+from riemann_zero.sharding.params import AdapterLike
 from riemann_zero.sharding.zero import Zero3Shards, ZeroFlatShards
 
-__all__ = ["LocalShards", "FsdpShards", "resolve_shards"]
+__all__ = ["LocalShards", "FsdpShards", "SHARDS", "resolve_shards"]
 
 _MASTER_DTYPES = (torch.float32, torch.float64)
 
@@ -71,11 +73,16 @@ def _write(p: Tensor, state: dict, key: str, value: Tensor, transpose: bool) -> 
 class LocalShards:
     """All rows on this process; low-precision (bf16/fp16) parameters get fp32 master copies."""
 
+    layout = LOCAL
     reduce_m = None
     reduce_n = None
 
     def __init__(self) -> None:
         self.comm: Counter[str] = Counter()
+
+    @classmethod
+    def build(cls, adapters: list[AdapterLike], param_groups: list[dict]) -> LocalShards:
+        return cls()
 
     def read(self, ad: AdapterLike, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         b = _master(ad.lora_B, state, "master_B", transpose=False)
@@ -98,17 +105,19 @@ class FsdpShards:
     Grams are all-reduced as with ``Shard(1)``.
     """
 
+    layout = FSDP2
+
     def __init__(self, adapters: list[AdapterLike]) -> None:
         from torch.distributed.tensor import Shard
 
         self.comm: Counter[str] = Counter()
-        self._exchange: dict[str, FragmentExchange] = {}
-        self.group = adapters[0].lora_B.device_mesh.get_group()
+        self._exchange: dict[str, PieceExchange] = {}
+        self.group = FSDP2.group(adapters[0].lora_B)
         self.world = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         for ad in adapters:
             a, b = ad.lora_A, ad.lora_B
-            if not (is_dtensor(a) and is_dtensor(b)):
+            if not (FSDP2.claims(a) and FSDP2.claims(b)):
                 raise ValueError(f"{ad.name}: under FSDP2 both lora_A and lora_B must be sharded "
                                  "(apply fully_shard to the module holding the adapter)")
             if tuple(b.placements) != (Shard(0),) or tuple(a.placements) not in ((Shard(0),),
@@ -119,14 +128,18 @@ class FsdpShards:
                     "and lora_A on Shard(1) or Shard(0) (a 1-D mesh). Fix: fully_shard(module, "
                     "shard_placement_fn=riemann_zero.fsdp_placement(model))")
             if tuple(a.placements) == (Shard(0),):
-                frags = torch.tensor([chunk(2 * ad.r * ad.n, self.world, p, unit=ad.n)
-                                      for p in range(self.world)])  # torch.chunk of the rows
-                self._exchange[ad.name] = FragmentExchange(ad.r, ad.m, ad.n, frags, None,
-                                                           self.rank, a.to_local().device)
+                pieces = torch.tensor([chunk(2 * ad.r * ad.n, self.world, p, unit=ad.n)
+                                       for p in range(self.world)])  # torch.chunk of the rows
+                self._exchange[ad.name] = PieceExchange(ad.r, ad.m, ad.n, pieces, None,
+                                                        self.rank, a.to_local().device)
         self.reduce_m = CountingAllReduce(self.comm, "all_reduce.gram_m", self.group)
         self.reduce_n = CountingAllReduce(self.comm, "all_reduce.gram_n", self.group)
         self._there = CountingAllToAll(self.comm, "all_to_all.exchange", self.group)
         self._back = CountingAllToAll(self.comm, "all_to_all.exchange_back", self.group)
+
+    @classmethod
+    def build(cls, adapters: list[AdapterLike], param_groups: list[dict]) -> FsdpShards:
+        return cls(adapters)
 
     def read(self, ad: AdapterLike, state: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         pb, pa = ad.lora_B, ad.lora_A
@@ -152,18 +165,16 @@ class FsdpShards:
             _write(local, state, "master_A", new_a.view(local.shape), transpose=False)
 
 
+SHARDS = (LocalShards, FsdpShards, ZeroFlatShards, Zero3Shards)  # one per layout
+
+
 def resolve_shards(adapters: list[AdapterLike], param_groups: list[dict]):
-    """Pick the shard layout from what the parameters look like at the first step."""
-    kinds = {layout_of(p) for ad in adapters for p in (ad.lora_A, ad.lora_B)}
-    if len(kinds) > 1:
+    """The shards object of the adapters' layout, from what the parameters look like at the
+    first step."""
+    layouts: set[Layout] = {layout_of(p) for ad in adapters for p in (ad.lora_A, ad.lora_B)}
+    if len(layouts) > 1:
         raise ValueError(f"adapter parameters are laid out in several ways at once: "
-                         f"{sorted(kinds)}; wrap the whole model with one engine")
-    kind = kinds.pop()
-    if kind == "local":
-        return LocalShards()
-    if kind == "fsdp2":
-        return FsdpShards(adapters)
-    group = next((g for g in param_groups if g.get("kind") == "manifold"), None)
-    if kind == "zero3":
-        return Zero3Shards(adapters)
-    return ZeroFlatShards(adapters, group)
+                         f"{sorted(layout.title for layout in layouts)}; wrap the whole model "
+                         f"with one engine")
+    layout = layouts.pop()
+    return next(cls for cls in SHARDS if cls.layout is layout).build(adapters, param_groups)

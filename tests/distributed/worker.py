@@ -276,8 +276,8 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     # Every rank's bytes (they differ: the exchange moves each rank's own fragments) and, under
     # ZeRO, its fragments of every adapter (what the byte model needs for ZeRO-1/2).
     shards = inner.shards
-    mine = {"comm": comm, "fragments": [shards.fragments(ad) for ad in inner.adapters.values()]
-            if hasattr(shards, "fragments") else None}
+    mine = {"comm": comm, "fragments": [shards.pieces(ad) for ad in inner.adapters.values()]
+            if hasattr(shards, "pieces") else None}
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     result = {"points": points(target), "comm": comm, "layout": type(shards).__name__,
