@@ -35,6 +35,7 @@ class Sizes:
     tensors: tuple  # shapes of Tensorion's direction check
     merge_shape: tuple  # (out, in) of the modules of the fixed-rank merge check
     bf16: bool  # bf16 adapters with fp32 masters (the GPU setting); the dry run uses it too
+    scale: str  # how the shapes relate to Llama-3-8B's, for the report
 
 
 def sizes(dry_run: bool) -> Sizes:
@@ -42,10 +43,11 @@ def sizes(dry_run: bool) -> Sizes:
     if dry_run:
         small = {k: (m // 64, n // 64) for k, (m, n) in LLAMA3_8B.items()}
         return Sizes("cpu", small, layers=2, r=2, dense_max=1 << 30,
-                     tensors=((16, 64), (4, 8, 16), (3, 4, 2, 8)), merge_shape=(16, 64), bf16=True)
+                     tensors=((16, 64), (4, 8, 16), (3, 4, 2, 8)), merge_shape=(16, 64), bf16=True,
+                     scale="Llama-3-8B shapes / 64")
     return Sizes("cuda", dict(LLAMA3_8B), layers=2, r=16, dense_max=1024 * 4096,
                  tensors=((1024, 4096), (8, 512, 1024), (3, 8, 128, 256)),
-                 merge_shape=(1024, 4096), bf16=True)
+                 merge_shape=(1024, 4096), bf16=True, scale="Llama-3-8B shapes")
 
 
 def load_reference():

@@ -227,7 +227,7 @@ def riemannion(sz: common.Sizes) -> dict:
         steps.append({"step": t + 1, "momentum": t > 0, "device_step_s": device_s[-1],
                       "ok": all(r["ok"] for r in rows),
                       "worst": max(rows, key=lambda r: r["error"] / r["tol"]), "rows": rows})
-    return {"layers": sz.layers, "r": sz.r, "adapters": len(ads),
+    return {"layers": sz.layers, "r": sz.r, "adapters": len(ads), "scale": sz.scale,
             "adapter_dtype": str(dtype).replace("torch.", ""),
             "master_dtype": "float32", "batched_by_shape": True, "bucket_bytes": None,
             "hyper_parameters": HP, "dense_oracle_adapters": sorted(dense),

@@ -141,10 +141,10 @@ STOCK = textwrap.dedent("""
     import json, sys, torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    base, adapter, rows_file, device = sys.argv[1:5]
+    base, adapter, rows_file, device, *dtypes = sys.argv[1:]
     rows = json.load(open(rows_file))
     out = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype)).to(device)
         model = PeftModel.from_pretrained(model, adapter).eval()
         def loss():
@@ -206,9 +206,10 @@ def run_engine(engine: str, assets: dict, work: Path, dry_run: bool, timeout: fl
     rows_file = work / "eval_rows.json"
     rows_file.write_text(json.dumps(eval_rows(assets)))
     device = "cpu" if dry_run else "cuda"
+    dtypes = ["float32", "bfloat16"] if bf16 else ["float32"]
     stock = subprocess.run([sys.executable, "-c", STOCK, assets["model"], str(out / "adapter"),
-                            str(rows_file), device], env=_env(dry_run), capture_output=True,
-                           text=True, timeout=timeout)
+                            str(rows_file), device, *dtypes], env=_env(dry_run),
+                           capture_output=True, text=True, timeout=timeout)
     if stock.returncode != 0:
         result.update(ok=False, error="stock PEFT could not load or evaluate the adapter",
                       log_tail=stock.stderr[-4000:])
