@@ -353,6 +353,7 @@ def main() -> None:
     def saved() -> None:  # after every row: a run stopped by a time limit keeps what it measured
         args.out.write_text(json.dumps(result, indent=1))
 
+    saved()  # the settings, even if the first measurement fails
     if args.part in ("optimizer", "all"):
         result["optimizer"] = []
         optimizer_part(args.ranks, args.layers, args.repeats, args.device, result["optimizer"],

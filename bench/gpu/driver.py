@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -177,6 +178,20 @@ def _env(dry_run: bool) -> dict:
     return env
 
 
+def _run(cmd: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on timeout the launcher's rank processes are
+    killed with it (they would otherwise keep the GPU memory the next part needs)."""
+    proc = subprocess.Popen(cmd, cwd=common.REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_engine(engine: str, assets: dict, work: Path, dry_run: bool, timeout: float) -> dict:
     import yaml
 
@@ -186,8 +201,7 @@ def run_engine(engine: str, assets: dict, work: Path, dry_run: bool, timeout: fl
     spec.write_text(yaml.safe_dump(recipe(assets, out, bf16)))
     cmd = ["bash", str(common.REPO / "launch" / "run.sh"), str(spec), *ENGINES[engine]]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=common.REPO, env=_env(dry_run), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = _run(cmd, _env(dry_run), timeout)
     result = {"command": " ".join(cmd[1:]), "returncode": proc.returncode,
               "seconds": time.perf_counter() - start, "dtype": "bfloat16" if bf16 else "float32",
               "backend": "gloo (CPU)" if dry_run else "nccl"}
@@ -207,9 +221,8 @@ def run_engine(engine: str, assets: dict, work: Path, dry_run: bool, timeout: fl
     rows_file.write_text(json.dumps(eval_rows(assets)))
     device = "cpu" if dry_run else "cuda"
     dtypes = ["float32", "bfloat16"] if bf16 else ["float32"]
-    stock = subprocess.run([sys.executable, "-c", STOCK, assets["model"], str(out / "adapter"),
-                            str(rows_file), device, *dtypes], env=_env(dry_run),
-                           capture_output=True, text=True, timeout=timeout)
+    stock = _run([sys.executable, "-c", STOCK, assets["model"], str(out / "adapter"),
+                  str(rows_file), device, *dtypes], _env(dry_run), timeout)
     if stock.returncode != 0:
         result.update(ok=False, error="stock PEFT could not load or evaluate the adapter",
                       log_tail=stock.stderr[-4000:])
