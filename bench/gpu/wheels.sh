@@ -53,7 +53,14 @@ done
 awk '{print $1}' "$WHL/MANIFEST" > "$WHL/requirements.txt"
 
 WHEELS=$(cat "$WHL"/*.whl "$WHL/requirements.txt" "$WHL/MANIFEST" | wc -c)
-TREE=$(git ls-files -z --cached --others --exclude-standard | xargs -0 cat -- 2>/dev/null | wc -c)
+TREE=$("$PY" - <<'PYEOF'
+import os, subprocess
+out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                     capture_output=True, check=True).stdout
+files = [f for f in out.decode().split(chr(0)) if os.path.isfile(f) and not os.path.islink(f)]
+print(sum(os.path.getsize(f) for f in files))  # what travels: tracked and not-ignored files
+PYEOF
+)
 TOTAL=$((WHEELS + TREE))
 mib() { awk -v b="$1" 'BEGIN {printf "%.1f MiB", b / 1048576}'; }
 echo
