@@ -344,8 +344,9 @@ def main() -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "threads": args.threads, "torch": torch.__version__}
     if args.device != "cpu":
-        machine["accelerator"] = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                                  else args.device)
+        machine["accelerator"] = (
+            args.device if not args.device.startswith("cuda")
+            else torch.cuda.get_device_name() if torch.cuda.is_available() else "unavailable")
     result = {"config": {**vars(args), "out": str(args.out)}, "machine": machine}
     overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.config)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
