@@ -64,6 +64,9 @@ def _header(data: dict) -> list[str]:
         lines.append("**Dry run on the CPU** (tiny sizes; skipped: "
                      f"{', '.join(env['skipped_in_dry_run'])}): a check of the kit, not GPU "
                      "numbers.")
+    elif not env.get("cuda_available"):
+        lines.append("**No GPU was found on this machine**: the parts that need CUDA failed "
+                     "(check.log says how); these are not GPU numbers.")
     smi = (env.get("nvidia_smi") or {}).get("gpus") or [{}]
     lines.append(
         f"**Device:** {dev['name']} ×{dev['count']}"
@@ -123,6 +126,8 @@ def _correctness(c: dict | None) -> list[str]:
 def _driver(d: dict | None) -> list[str]:
     if not d:
         return ["", "Driver: no result."]
+    if "error" in d and not d.get("engines"):
+        return ["", f"Driver: failed: {d['error']}"]
     cfg = d.get("model", {}).get("config", {})
     lines = ["", f"The driver on one device ({d['steps']} steps, Riemannion + LOI, a random "
              f"Llama of hidden size {cfg.get('hidden_size')} with {cfg.get('num_hidden_layers')} "
@@ -159,14 +164,14 @@ def _overhead(data: dict) -> list[str]:
                   + ("" if train.get("complete") else " (stopped by its time limit)") + ":",
                   "", overhead.markdown({"training": train["training"]})]
     else:
-        lines += ["", "Training-step overhead: no result."]
+        lines += ["", "Training-step overhead: no result (check.log says why)."]
     if opt and opt.get("optimizer"):
         lines += ["", f"Optimizer step alone (bench/overhead.py --part optimizer, "
                   f"{opt['config']['layers']} Llama-3-8B layers)"
                   + ("" if opt.get("complete") else " (stopped by its time limit)") + ":", "",
                   overhead.markdown({"optimizer": opt["optimizer"]})]
     else:
-        lines += ["", "Optimizer-step overhead: no result."]
+        lines += ["", "Optimizer-step overhead: no result (check.log says why)."]
     return lines
 
 
