@@ -119,13 +119,14 @@ def test_riemannion_check_catches_a_wrong_momentum(monkeypatch):
     assert [s["ok"] for s in result["steps"]] == [True, False]
 
 
-def test_wheel_set_is_pinned_to_this_environment_and_leaves_torch_out():
+def test_wheel_set_is_pinned_to_this_environment_and_leaves_the_images_big_packages():
     kit = wheelset.kit()
     for name in ("deepspeed", "transformers", "peft", "accelerate", "tokenizers",
-                 "huggingface-hub", "safetensors"):
+                 "huggingface-hub", "safetensors", "datasets", "lm-eval", "evaluate", "dill"):
         assert kit[name] == md.version(name)
-    assert not {"torch", "numpy", "datasets", "lm-eval", "pyarrow", "scipy"} & set(kit)
-    assert set(wheelset.LEFT_OUT) >= {"torch", "datasets", "lm-eval"}
+    assert not set(wheelset.DEVICE_HAS) & set(kit)
+    assert not {"sympy", "networkx", "matplotlib", "tensorboard"} & set(kit)  # torch's; unused
+    assert set(wheelset.BUILD) <= set(kit)
 
 
 def test_missing_pins_are_reported(tmp_path):

@@ -4,7 +4,8 @@
 #   bash bench/gpu/check.sh OUT_DIR             on the GPU machine, with .whl/ beside the tree
 #   bash bench/gpu/check.sh --dry-run OUT_DIR   the same script on the CPU at tiny sizes (< 3 min)
 # Parts, in order, each in its own process under its own time limit, so that one failing or
-# running out of time leaves the others' results: install (the pinned wheels of .whl/), env,
+# running out of time leaves the others' results: install (the pinned wheels of .whl/, into a
+# folder first on PYTHONPATH), env,
 # correctness, driver, overhead_training, overhead_optimizer; then report.py writes summary.json
 # and prints the summary and the BENCHMARKS.md "GPU" section. At most 8 files under OUT_DIR:
 # env, correctness, driver, overhead_training, overhead_optimizer, summary (.json), check.log.
@@ -25,9 +26,10 @@ if [ -z "$PY" ]; then
   if [ -x "$REPO/.venv/bin/python" ]; then PY="$REPO/.venv/bin/python"; else PY=python3; fi
 fi
 cd "$REPO"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+SITE=/tmp/gpu-kit-site  # the carried wheels go here, first on the path: the image stays as it is
+export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_BREAK_SYSTEM_PACKAGES=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 exec > >(tee -a "$OUT/check.log") 2>&1
 START=$SECONDS
 PARTS=""
@@ -71,7 +73,8 @@ else
   elif "$PY" bench/gpu/wheelset.py --missing .whl/requirements.txt; then
     skip install "every pinned version is already installed"
   else
-    part install 45 "$PY" -m pip install --no-index --find-links .whl -r .whl/requirements.txt
+    part install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$SITE" .whl/*.whl
   fi
 fi
 
@@ -81,10 +84,10 @@ part driver 130 "$PY" bench/gpu/driver.py --out "$OUT/driver.json" --budget 120 
   "${FLAG[@]}"
 part overhead_training 120 "$PY" bench/overhead.py --part training --device "$DEV" \
   --model llama3-8b "${TRAIN[@]}" --out "$OUT/overhead_training.json" --no-plot
-part overhead_optimizer 60 "$PY" bench/overhead.py --part optimizer --device "$DEV" \
+part overhead_optimizer 50 "$PY" bench/overhead.py --part optimizer --device "$DEV" \
   "${OPTIM[@]}" --out "$OUT/overhead_optimizer.json" --no-plot
 echo "=== total $((SECONDS - START)) s"
-timeout 20 "$PY" bench/gpu/report.py "$OUT" --parts $PARTS --seconds $((SECONDS - START))
+timeout 15 "$PY" bench/gpu/report.py "$OUT" --parts $PARTS --seconds $((SECONDS - START))
 exit $?
 '''
 # Python reads everything above as one string: tests/test_architecture.py parses bench/*.sh

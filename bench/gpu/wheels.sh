@@ -20,7 +20,7 @@ WHL=.whl
 mkdir -p "$WHL"
 PLAN="$("$PY" bench/gpu/wheelset.py)"
 TARGET=(--python-version 3.12 --implementation cp)
-for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014; do
+for tag in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
   TARGET+=(--platform "${tag}_x86_64")  # glibc 2.28 or newer on the device
 done
 touch "$WHL/MANIFEST"
@@ -35,7 +35,7 @@ while read -r kind pin; do
   fi
   tmp="$(mktemp -d)"
   if [ "$kind" = build ]; then
-    echo "[wheels] building $pin (pure Python, DS_BUILD_OPS=0)"
+    echo "[wheels] building $pin (pure Python; DS_BUILD_OPS=0)"
     DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation "$pin" -w "$tmp"
   else
     echo "[wheels] $pin"
@@ -70,7 +70,10 @@ echo "[wheels] $COUNT wheels in $WHL: $(mib "$WHEELS"); working tree: $(mib "$TR
 import sys
 sys.path.insert(0, "bench/gpu")
 import wheelset
-print("[wheels] left out on purpose:")
+print("[wheels] not carried, the device image has them:")
+for name, why in wheelset.DEVICE_HAS.items():
+    print(f"  {name}: {why}")
+print("[wheels] not carried, the kit does not use them:")
 for name, why in wheelset.LEFT_OUT.items():
     print(f"  {name}: {why}")
 PYEOF
@@ -80,7 +83,8 @@ if [ "$TOTAL" -gt "$LIMIT" ]; then
   exit 1
 fi
 echo "[wheels] the GPU machine installs them with (bench/gpu/check.sh runs this first):"
-echo "  python3 -m pip install --no-index --find-links .whl -r .whl/requirements.txt"
+echo "  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade" \
+  "--target /tmp/gpu-kit-site .whl/*.whl && export PYTHONPATH=/tmp/gpu-kit-site"
 exit 0
 '''
 # Python reads everything above as one string: tests/test_architecture.py parses bench/*.sh

