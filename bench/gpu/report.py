@@ -215,8 +215,8 @@ def main() -> None:
     if args.placeholder:
         text = section(None)
     else:
-        if args.out is None:
-            ap.error("give the kit's output folder (or --placeholder)")
+        if args.out is None or not args.out.is_dir():
+            ap.error(f"give the kit's output folder (or --placeholder); {args.out} is not one")
         data = load(args.out)
         if args.parts is not None:
             data["summary"] = summarize(data, args.parts, args.seconds)
