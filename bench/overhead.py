@@ -98,8 +98,10 @@ def _time(fn, device: str = "cpu") -> float:
     return time.perf_counter() - start
 
 
-def optimizer_part(ranks: list[int], layers: int, repeats: int, device: str = "cpu") -> list[dict]:
-    rows = []
+def optimizer_part(ranks: list[int], layers: int, repeats: int, device: str = "cpu",
+                   rows: list[dict] | None = None, saved=None) -> list[dict]:
+    """Rows appended to ``rows`` as they are measured; ``saved()`` is called after each."""
+    rows = [] if rows is None else rows
     for r in ranks:
         adapters = llama3_adapters(r, layers, device=device)
         params = [p for ad in adapters for p in (ad.lora_A, ad.lora_B)]
@@ -135,6 +137,8 @@ def optimizer_part(ranks: list[int], layers: int, repeats: int, device: str = "c
         print(f"r={r:3d}: AdamW {best['adamw']:.3f}s  Riemannion {best['batched']:.3f}s "
               f"(x{rows[-1]['ratio']:.2f})  one call per shape {best['whole']:.3f}s  "
               f"looped {best['looped']:.3f}s", flush=True)
+        if saved:
+            saved()
         del adapters, params, adamw, batched, whole, looped, runs
         _release(device)
     return rows
@@ -202,7 +206,7 @@ class _Model:
 
 
 def training_part(batches: list[int], ranks: list[int], seq: int, source: _Model, steps: int,
-                  repeats: int) -> list[dict]:
+                  repeats: int, rows: list[dict] | None = None, saved=None) -> list[dict]:
     from peft import LoraConfig, get_peft_model
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -219,7 +223,7 @@ def training_part(batches: list[int], ranks: list[int], seq: int, source: _Model
             opt = rz.Riemannion(model, lr=1e-4)
         return model, opt
 
-    rows = []
+    rows = [] if rows is None else rows
     for r in ranks:
         models = {kind: build(kind, r) for kind in ("adamw", "riemannion")}
         for batch in batches:
@@ -238,6 +242,8 @@ def training_part(batches: list[int], ranks: list[int], seq: int, source: _Model
                          "riemannion_step_s": best["riemannion"], "overhead": overhead})
             print(f"r={r:3d} batch {batch:3d}: AdamW {best['adamw']:.3f}s/step  Riemannion "
                   f"{best['riemannion']:.3f}s/step  overhead {100 * overhead:+.1f}%", flush=True)
+            if saved:
+                saved()
             del data
         del models
         _release(device)
@@ -326,6 +332,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu, or an accelerator such as cuda")
+    ap.add_argument("--config", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="llama3-8b: overrides of its LlamaConfig (integers), e.g. hidden_size=64 "
+                         "(bench/gpu/check.sh --dry-run shrinks the model this way)")
+    ap.add_argument("--no-plot", action="store_true", help="write the JSON only")
     ap.add_argument("--out", type=Path, default=RESULTS / "overhead.json",
                     help="result file; the plot is written beside it (.png)")
     args = ap.parse_args()
@@ -334,18 +344,30 @@ def main() -> None:
     machine = {"platform": platform.platform(), "processor": platform.processor(),
                "threads": args.threads, "torch": torch.__version__}
     if args.device != "cpu":
-        machine["accelerator"] = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-                                  else args.device)
+        machine["accelerator"] = (
+            args.device if not args.device.startswith("cuda")
+            else torch.cuda.get_device_name() if torch.cuda.is_available() else "unavailable")
     result = {"config": {**vars(args), "out": str(args.out)}, "machine": machine}
-    if args.part in ("optimizer", "all"):
-        result["optimizer"] = optimizer_part(args.ranks, args.layers, args.repeats, args.device)
-    if args.part in ("training", "all"):
-        source = _Model(args.model, args.model_layers, args.device)
-        result["training"] = training_part(args.batches, args.train_ranks, args.seq, source,
-                                           args.steps, args.repeats)
+    overrides = {k: int(v) for k, v in (item.split("=", 1) for item in args.config)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    plot(result, args.out.with_suffix(".png"))
+
+    def saved() -> None:  # after every row: a run stopped by a time limit keeps what it measured
+        args.out.write_text(json.dumps(result, indent=1))
+
+    saved()  # the settings, even if the first measurement fails
+    if args.part in ("optimizer", "all"):
+        result["optimizer"] = []
+        optimizer_part(args.ranks, args.layers, args.repeats, args.device, result["optimizer"],
+                       saved)
+    if args.part in ("training", "all"):
+        source = _Model(args.model, args.model_layers, args.device, **overrides)
+        result["training"] = []
+        training_part(args.batches, args.train_ranks, args.seq, source, args.steps, args.repeats,
+                      result["training"], saved)
+    result["complete"] = True
+    saved()
+    if not args.no_plot:
+        plot(result, args.out.with_suffix(".png"))
     print()
     print(markdown(result))
 
