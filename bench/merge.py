@@ -270,21 +270,31 @@ def report(out: Path, models: dict[str, Path], limit: int, force: bool = False) 
     from riemann_zero import io
 
     io.write_json(out / "merge.json", table)
-    order = ["base", *[n for n in models if n in rows and n != "base"]]
-    lines = ["| model | BoolQ | PIQA | mean |", "|---|---|---|---|"]
-    for name in order:
-        if name not in rows:
-            continue
-        s = rows[name]
-        b, p = s.get("boolq"), s.get("piqa")
-        mean = (b + p) / 2 if b is not None and p is not None else None
-        lines.append(f"| {name} | {fmt(b)} | {fmt(p)} | {fmt(mean)} |")
+    lines = table(rows, list(models))
     (out / "merge.md").write_text(
         f"Protocol (b) generative accuracy, {limit} documents per task (SmolLM2-135M-Instruct)."
         "\n\n" + "\n".join(lines) + "\n")
     _plot(out, rows)
     print("\n".join(lines))
     return table
+
+
+def table(rows: dict[str, dict[str, float]], names: list[str]) -> list[str]:
+    """The Markdown table (lines) that merge.md and BENCHMARKS.md show: base first, then every
+    name of ``names`` that has a row, in that order."""
+    lines = ["| model | BoolQ | PIQA | mean |", "|---|---|---|---|"]
+    for name in ["base", *[n for n in names if n != "base"]]:
+        if name not in rows:
+            continue
+        b, p = rows[name].get("boolq"), rows[name].get("piqa")
+        mean = (b + p) / 2 if b is not None and p is not None else None
+        lines.append(f"| {name} | {fmt(b)} | {fmt(p)} | {fmt(mean)} |")
+    return lines
+
+
+def model_names() -> list[str]:
+    """Every model of the benchmark in report order: the four singles, then the merges."""
+    return [f"{f} {t}" for f in ("lora", "oft") for t in TASKS] + list(MERGES)
 
 
 def fmt(x: float | None) -> str:
