@@ -248,7 +248,7 @@ def report(out: Path, models: dict[str, Path], limit: int, force: bool = False) 
             continue
         for label, scores in _scores(path).items():
             rows["base" if label == "base" else name] = scores
-    table = {"limit": limit, "tasks": list(TASKS), "rows": rows,
+    record = {"limit": limit, "tasks": list(TASKS), "rows": rows,
              "merges": {k: {"family": f, "method": m, **kw} for k, (f, m, kw) in MERGES.items()},
              "machine": platform.processor() or platform.machine(),
              "lora_delta_gap_vs_cat": _lora_delta_gaps(out),
@@ -258,9 +258,9 @@ def report(out: Path, models: dict[str, Path], limit: int, force: bool = False) 
                              if (out / "work" / "merged" / _slug(n) / "merge.json").is_file()}}
     timings = out / "work" / "merged" / TIMINGS
     if timings.is_file():
-        table["merge_seconds"] = json.loads(timings.read_text())
+        record["merge_seconds"] = json.loads(timings.read_text())
     previous = out / "merge.json"
-    lost = losses(json.loads(previous.read_text()), table) if previous.is_file() else []
+    lost = losses(json.loads(previous.read_text()), record) if previous.is_file() else []
     if lost and not force:
         shown = ", ".join(lost[:6]) + (f" and {len(lost) - 6} more" if len(lost) > 6 else "")
         raise WouldLoseResults(
@@ -269,14 +269,14 @@ def report(out: Path, models: dict[str, Path], limit: int, force: bool = False) 
             f"write this report elsewhere, or --force to replace them")
     from riemann_zero import io
 
-    io.write_json(out / "merge.json", table)
+    io.write_json(out / "merge.json", record)
     lines = table(rows, list(models))
     (out / "merge.md").write_text(
         f"Protocol (b) generative accuracy, {limit} documents per task (SmolLM2-135M-Instruct)."
         "\n\n" + "\n".join(lines) + "\n")
     _plot(out, rows)
     print("\n".join(lines))
-    return table
+    return record
 
 
 def table(rows: dict[str, dict[str, float]], names: list[str]) -> list[str]:
