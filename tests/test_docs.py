@@ -3,6 +3,12 @@ every ``docs/design.md §n`` a section of it), nothing points at notes that are 
 and README's layout table and docs/layout.md's import table match the architecture test's table
 (``ALLOWED``) and the package tree, file by file.
 
+The user docs (README, BENCHMARKS, launch/ and eval/ READMEs) name only paths, recipe files,
+recipe keys (``python -m riemann_zero.train --help``) and modules that exist, README's optimizer
+list is the registry's, and every BENCHMARKS table is its committed JSON rendered by the formatter
+of the script named beside it; the prose figures a reader relies on are formatted from the same
+files.
+
 Each check is also run on a small synthetic repo where it must fail, so a green run means the docs
 agree, not that the checker cannot see.
 """
