@@ -586,8 +586,8 @@ def quoted_figures() -> list[tuple[str, str]]:
     return [
         ("README.md", f"({rl['eval_loss'][0]:.4f} against {aw['eval_loss'][0]:.4f})"),
         ("README.md", f"it needs {early:.1f}× AdamW's steps for the early drop"),
-        ("README.md", f"that is {zero8[0]:.0f}–{zero8[1]:.0f} % of the engine's own adapter "
-                      f"traffic at world 8"),
+        ("README.md", f"under ZeRO are {zero8[0]:.0f}–{zero8[1]:.0f} % of the engine's own "
+                      f"adapter traffic at world 8"),
         ("BENCHMARKS.md", f"touches its own final level "
                           f"({aw['to_adamw_final'][2]['target']:.4f})"),
         ("BENCHMARKS.md", f"({drop['riemannion+loi']:.3f} for Riemannion + LOI, "
