@@ -550,6 +550,7 @@ def rendered_tables() -> dict[str, str]:
         "bench/memory.py, memory.json": memory.table(mem["runs"], mem["base_mib"],
                                                      mem["import_floor_mib"]),
         "bench/comm.py, comm.json": comm.computed_table(_json("comm.json")["computed"]),
+        "bench/comm.py --measure, comm.json": comm.measured_table(_json("comm.json")["measured"]),
         "bench/merge.py, merge.json": "\n".join(merge.table(merged["rows"],
                                                             merge.model_names())),
     }
