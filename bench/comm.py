@@ -11,15 +11,19 @@ ZeRO-2 and ZeRO-3, every rank's own counters after one step, and the prediction 
 Bytes are payloads: what one rank hands to the collective per step (a ring all-reduce moves about
 twice that over the wire, an all-gather or reduce-scatter about once).
 
-Usage: ``python bench/comm.py [--measure]`` prints Markdown tables.
+Usage: ``python bench/comm.py [--measure]`` writes ``bench/results/comm.json`` (the computed rows,
+and the measured ones with ``--measure``; without it the measured rows already in the file are
+kept) and prints the Markdown tables that BENCHMARKS.md quotes, rendered from that file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -37,6 +41,8 @@ from riemann_zero.sharding.accounting import (  # noqa: E402
 # Llama-3-8B: hidden 4096, 8 KV heads × 128, MLP 14336, 32 layers. (m = out, n = in)
 LLAMA3_8B = [(4096, 4096), (1024, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 LAYERS = 32
+RESULTS = Path(__file__).resolve().parent / "results" / "comm.json"
+LAYOUTS = ("fsdp2", "zero3", "zero12")
 
 
 def shapes_8b(r: int) -> list[tuple[int, int, int]]:
@@ -56,26 +62,43 @@ def busiest(shapes: list[tuple[int, int, int]], layout: str, world: int) -> int:
                               ).values()) for rank in range(world))
 
 
-def computed_table() -> tuple[str, dict]:
-    """The Markdown table, and {(r, world): {layout: optimizer / engine}}."""
+def computed_rows(ranks: tuple[int, ...] = (8, 16, 32, 64),
+                  worlds: tuple[int, ...] = (8, 64, 1024)) -> list[dict]:
+    """Per (r, world): the busiest rank's optimizer bytes per layout, the engine's adapter
+    traffic and the gather-the-factors design, all in bytes."""
+    rows = []
+    for r in ranks:
+        shapes = shapes_8b(r)
+        for world in worlds:
+            rows.append({"r": r, "world": world,
+                         "optimizer_bytes": {lay: busiest(shapes, lay, world) for lay in LAYOUTS},
+                         "engine_bytes": engine_grad_bytes(shapes, stage=3),
+                         "gather_factors_bytes": gather_factor_bytes(shapes, world)})
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict[tuple[int, int], dict[str, float]]:
+    """{(r, world): {layout: optimizer bytes / engine bytes}}."""
+    return {(row["r"], row["world"]): {lay: v / row["engine_bytes"]
+                                       for lay, v in row["optimizer_bytes"].items()}
+            for row in rows}
+
+
+def computed_table(rows: list[dict]) -> str:
+    """The Markdown table of :func:`computed_rows`."""
     lines = [
         "| r | world | FSDP2 optimizer | ZeRO-3 optimizer | ZeRO-1/2 optimizer "
         "| engine grads + param gather | optimizer / engine: FSDP2, ZeRO-3, ZeRO-1/2 "
         "| gather-the-factors design |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    ratios = {}
-    for r in (8, 16, 32, 64):
-        shapes = shapes_8b(r)
-        for world in (8, 64, 1024):
-            got = {lay: busiest(shapes, lay, world) for lay in ("fsdp2", "zero3", "zero12")}
-            eng = engine_grad_bytes(shapes, stage=3)
-            gat = gather_factor_bytes(shapes, world)
-            ratios[r, world] = {lay: v / eng for lay, v in got.items()}
-            pct = ", ".join(f"{100 * v / eng:.2f} %" for v in got.values())
-            lines.append(f"| {r} | {world} | {mib(got['fsdp2'])} | {mib(got['zero3'])} "
-                         f"| {mib(got['zero12'])} | {mib(eng)} | {pct} | {mib(gat)} |")
-    return "\n".join(lines), ratios
+    for row in rows:
+        got, eng = row["optimizer_bytes"], row["engine_bytes"]
+        pct = ", ".join(f"{100 * got[lay] / eng:.2f} %" for lay in LAYOUTS)
+        lines.append(f"| {row['r']} | {row['world']} | {mib(got['fsdp2'])} | {mib(got['zero3'])} "
+                     f"| {mib(got['zero12'])} | {mib(eng)} | {pct} "
+                     f"| {mib(row['gather_factors_bytes'])} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- measured
@@ -142,13 +165,13 @@ def _rank(rank: int, world: int, port: int, engine: str, r: int, queue) -> None:
     dist.destroy_process_group()
 
 
-def measured_table(r: int = 4) -> str:
+def measured_rows(r: int = 4) -> list[dict]:
+    """Per engine and world: the busiest rank's own counters after one step (by collective),
+    the shape model's prediction for that rank, whether every rank matched its prediction, and
+    the engine's and the gather-the-factors design's bytes."""
     import torch.multiprocessing as mp
 
-    lines = ["| engine | world | measured optimizer, busiest rank | predicted | every rank as "
-             "predicted | by collective (busiest rank) | engine grads + param gather "
-             "| gather-the-factors |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = []
     ctx = mp.get_context("spawn")
     for engine in ("fsdp2", "zero2", "zero3"):
         for world in (2, 3, 4):
@@ -160,29 +183,49 @@ def measured_table(r: int = 4) -> str:
                                start_method="spawn")
             ranks = sorted(queue.get() for _ in range(world))
             _, got, pred, eng, gat = max(ranks, key=lambda x: sum(x[1].values()))
-            same = all(g == p for _, g, p, _, _ in ranks)
-            parts = ", ".join(f"{k.split('.')[-1]} {v:,}" for k, v in sorted(got.items()))
-            lines.append(f"| {engine} | {world} | {sum(got.values()):,} B | "
-                         f"{sum(pred.values()):,} B | {'yes' if same else 'NO (MISMATCH)'} | "
-                         f"{parts} | {eng:,} B | {gat:,} B |")
+            rows.append({"engine": engine, "world": world, "r": r, "measured": got,
+                         "predicted": pred,
+                         "every_rank_as_predicted": all(g == p for _, g, p, _, _ in ranks),
+                         "engine_bytes": eng, "gather_factors_bytes": gat})
+    return rows
+
+
+def measured_table(rows: list[dict]) -> str:
+    """The Markdown table of :func:`measured_rows`."""
+    lines = ["| engine | world | measured optimizer, busiest rank | predicted | every rank as "
+             "predicted | by collective (busiest rank) | engine grads + param gather "
+             "| gather-the-factors |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        got, pred = row["measured"], row["predicted"]
+        parts = ", ".join(f"{k.split('.')[-1]} {v:,}" for k, v in sorted(got.items()))
+        same = "yes" if row["every_rank_as_predicted"] else "NO (MISMATCH)"
+        lines.append(f"| {row['engine']} | {row['world']} | {sum(got.values()):,} B | "
+                     f"{sum(pred.values()):,} B | {same} | {parts} | {row['engine_bytes']:,} B "
+                     f"| {row['gather_factors_bytes']:,} B |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--measure", action="store_true", help="also run gloo worlds 2-4")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the JSON written")
     args = parser.parse_args(argv)
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    record = {"computed": computed_rows(),
+              "measured": measured_rows() if args.measure else previous.get("measured")}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
     print("### Llama-3-8B adapters (q, k, v, up, down × 32 layers), MiB per step per rank\n")
-    table, ratios = computed_table()
-    print(table)
-    at64 = ratios[16, 64]
+    print(computed_table(record["computed"]))
+    at64 = ratios(record["computed"])[16, 64]
     print(f"\nTarget (r = 16, world 64): optimizer / engine adapter traffic = "
           f"{100 * at64['zero3']:.2f} % under ZeRO-3, {100 * at64['zero12']:.2f} % under "
           f"ZeRO-1/2, {100 * at64['fsdp2']:.2f} % under FSDP2 (target <= 5 % under ZeRO-1/2/3: "
           f"{'met' if max(at64['zero3'], at64['zero12']) <= 0.05 else 'NOT met'})")
-    if args.measure:
+    if record["measured"]:
         print("\n### Measured on gloo (tiny Llama, hidden 64, r = 4), bytes per step per rank\n")
-        print(measured_table())
+        print(measured_table(record["measured"]))
 
 
 if __name__ == "__main__":

@@ -134,15 +134,20 @@ def run(folder: Path, engine: str, partitioned: bool, world: int, out: Path) -> 
             "losses": [r["loss"] for r in steps if "loss" in r]}
 
 
+ENGINE_NAMES = {"zero3": "ZeRO-3", "fsdp2": "FSDP2"}
+
+
 def table(rows: list[dict], base_mib: float, floor: float) -> str:
+    """The Markdown table BENCHMARKS.md quotes ("Memory at scale")."""
     lines = ["| engine | world | loading | peak RSS after loading, MiB (max over ranks) | "
              "after 2 steps | base/world | base/world + import floor |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         load = "partitioned" if r["partitioned"] else "whole per rank"
         share = base_mib / r["world"]
-        lines.append(f"| {r['engine']} | {r['world']} | {load} | {max(r['loaded_mib']):.0f} | "
-                     f"{max(r['trained_mib']):.0f} | {share:.0f} | {share + floor:.0f} |")
+        lines.append(f"| {ENGINE_NAMES[r['engine']]} | {r['world']} | {load} | "
+                     f"{max(r['loaded_mib']):.0f} | {max(r['trained_mib']):.0f} | {share:.0f} | "
+                     f"{share + floor:.0f} |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,11 @@ LoRA (AdamW, r = 8, all linear modules) and OFT (AdamW, block 32, Cayley–Neuma
    protocol (b) generative, ``--limit`` documents per task; its per-task cache resumes);
 4. write ``OUT/merge.json``, ``OUT/merge.md`` (table) and ``OUT/merge.png``.
 
+The report never replaces results with less: when ``OUT/merge.json`` holds a row, a distance, an
+angle, a merge's statistics or a merge time that this report could not compute (on a fresh clone
+the runs and merges behind the committed results are absent), it writes nothing and exits 2
+naming what would be lost; ``--out DIR`` writes the report elsewhere, ``--force`` replaces them.
+
 Scale (``--scale``): two random r = 16 LoRA adapters with Llama-3-8B shapes (32 layers × q, k, v,
 o, gate, up, down = 224 target modules): time and peak RSS of ``fixed_rank`` on all 224 modules
 against PEFT's ``svd`` combination type (``add_weighted_adapter``, which builds each dense ΔW and
@@ -17,7 +22,8 @@ takes its SVD) on ``--peft-layers`` decoder layers, extrapolated per layer; each
 subprocess so that peak RSS is its own. Writes ``OUT/scale.json``.
 
     python bench/merge.py                  # quality: ~45 min of one CPU core, resumable
-    python bench/merge.py --report-only    # table and plot from what is finished
+    python bench/merge.py --report-only    # table and plot from what is finished (never less
+                                           # than OUT/merge.json already holds)
     python bench/merge.py --no-eval; python bench/merge.py --only "lora cat,oft geodesic" &
                                            # merges once, then evaluations in parallel
     python bench/merge.py --scale          # scale figures (~5 min)
@@ -42,6 +48,8 @@ STEPS = {"boolq": 60, "piqa": 15}  # LoRA optimizer steps of 8 examples (OFT: it
 LORA_OVERRIDES = ["eval_after=null", "train.eval_every=0", "train.save_every=30",
                   "data.eval_limit=0", "deepspeed.zero_optimization.stage=0",
                   "train.micro_batch_size=8", "data.max_length=256"]
+
+TIMINGS = "seconds.json"  # under OUT/work/merged: each merge's wall time, as it ran
 
 # name -> (family, method, kwargs of merge_adapters). t is the position from the BoolQ adapter
 # (t = 0) to the PIQA adapter (t = 1); for LoRA it stands for the weights (1 − t, t).
@@ -113,7 +121,11 @@ def merge_all(out: Path, singles: dict[str, Path]) -> dict[str, Path]:
             continue
         start = time.perf_counter()
         merge_adapters(sources, path, method=method, **kwargs)
-        print(f"[merge bench] merged {name} in {time.perf_counter() - start:.1f} s", flush=True)
+        seconds = time.perf_counter() - start
+        print(f"[merge bench] merged {name} in {seconds:.1f} s", flush=True)
+        timings = out / "work" / "merged" / TIMINGS
+        recorded = json.loads(timings.read_text()) if timings.is_file() else {}
+        timings.write_text(json.dumps({**recorded, name: seconds}, indent=1))
     return merged
 
 
@@ -201,7 +213,34 @@ def _oft_angles(out: Path) -> dict[str, float]:
     return result
 
 
-def report(out: Path, models: dict[str, Path], limit: int) -> dict:
+def losses(old: dict, new: dict) -> list[str]:
+    """What ``old`` (a merge.json) holds that ``new`` lacks: rows, a row's tasks, distances,
+    angles, merge statistics and merge times, each named as ``section/key``."""
+    lost = []
+    for section in ("rows", "lora_delta_gap_vs_cat", "oft_mean_abs_angle", "merge_stats",
+                    "merge_seconds"):
+        before, after = old.get(section) or {}, new.get(section) or {}
+        for key, value in before.items():
+            if key not in after:
+                lost.append(f"{section}/{key}")
+            elif section == "rows":
+                lost += [f"rows/{key}/{t}" for t in value if t not in after[key]]
+    if old.get("limit") not in (None, new.get("limit")):
+        lost.append(f"limit {old['limit']} (this report: {new.get('limit')})")
+    return lost
+
+
+class WouldLoseResults(Exception):
+    """The report would replace results with fewer (see :func:`losses`)."""
+
+
+def report(out: Path, models: dict[str, Path], limit: int, force: bool = False) -> dict:
+    """Write merge.json, merge.md and merge.png from the finished evaluations and merges.
+
+    Raises:
+        WouldLoseResults: ``out/merge.json`` holds results this report lacks (``force`` not
+            given); nothing is written then.
+    """
     rows: dict[str, dict[str, float]] = {}
     for name in models:
         path = out / "work" / "eval" / _slug(name) / "results.json"
@@ -209,7 +248,7 @@ def report(out: Path, models: dict[str, Path], limit: int) -> dict:
             continue
         for label, scores in _scores(path).items():
             rows["base" if label == "base" else name] = scores
-    table = {"limit": limit, "tasks": list(TASKS), "rows": rows,
+    record = {"limit": limit, "tasks": list(TASKS), "rows": rows,
              "merges": {k: {"family": f, "method": m, **kw} for k, (f, m, kw) in MERGES.items()},
              "machine": platform.processor() or platform.machine(),
              "lora_delta_gap_vs_cat": _lora_delta_gaps(out),
@@ -217,24 +256,45 @@ def report(out: Path, models: dict[str, Path], limit: int) -> dict:
              "merge_stats": {n: json.loads((out / "work" / "merged" / _slug(n) / "merge.json")
                                            .read_text())["stats"] for n in MERGES
                              if (out / "work" / "merged" / _slug(n) / "merge.json").is_file()}}
+    timings = out / "work" / "merged" / TIMINGS
+    if timings.is_file():
+        record["merge_seconds"] = json.loads(timings.read_text())
+    previous = out / "merge.json"
+    lost = losses(json.loads(previous.read_text()), record) if previous.is_file() else []
+    if lost and not force:
+        shown = ", ".join(lost[:6]) + (f" and {len(lost) - 6} more" if len(lost) > 6 else "")
+        raise WouldLoseResults(
+            f"{previous} holds {len(lost)} results this report lacks ({shown}): the runs behind "
+            f"them are not under {out}/work and {out}/runs; nothing written. Pass --out DIR to "
+            f"write this report elsewhere, or --force to replace them")
     from riemann_zero import io
 
-    io.write_json(out / "merge.json", table)
-    order = ["base", *[n for n in models if n in rows and n != "base"]]
-    lines = ["| model | BoolQ | PIQA | mean |", "|---|---|---|---|"]
-    for name in order:
-        if name not in rows:
-            continue
-        s = rows[name]
-        b, p = s.get("boolq"), s.get("piqa")
-        mean = (b + p) / 2 if b is not None and p is not None else None
-        lines.append(f"| {name} | {fmt(b)} | {fmt(p)} | {fmt(mean)} |")
+    io.write_json(out / "merge.json", record)
+    lines = table(rows, list(models))
     (out / "merge.md").write_text(
         f"Protocol (b) generative accuracy, {limit} documents per task (SmolLM2-135M-Instruct)."
         "\n\n" + "\n".join(lines) + "\n")
     _plot(out, rows)
     print("\n".join(lines))
-    return table
+    return record
+
+
+def table(rows: dict[str, dict[str, float]], names: list[str]) -> list[str]:
+    """The Markdown table (lines) that merge.md and BENCHMARKS.md show: base first, then every
+    name of ``names`` that has a row, in that order."""
+    lines = ["| model | BoolQ | PIQA | mean |", "|---|---|---|---|"]
+    for name in ["base", *[n for n in names if n != "base"]]:
+        if name not in rows:
+            continue
+        b, p = rows[name].get("boolq"), rows[name].get("piqa")
+        mean = (b + p) / 2 if b is not None and p is not None else None
+        lines.append(f"| {name} | {fmt(b)} | {fmt(p)} | {fmt(mean)} |")
+    return lines
+
+
+def model_names() -> list[str]:
+    """Every model of the benchmark in report order: the four singles, then the merges."""
+    return [f"{f} {t}" for f in ("lora", "oft") for t in TASKS] + list(MERGES)
 
 
 def fmt(x: float | None) -> str:
@@ -393,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="comma-separated model names to evaluate")
     p.add_argument("--no-eval", action="store_true", help="train and merge only")
     p.add_argument("--no-train", action="store_true", help="use the singles already trained")
+    p.add_argument("--force", action="store_true",
+                   help="let the report replace OUT/merge.json even where it holds results this "
+                        "report lacks (without it such a report is refused and writes nothing)")
     args = p.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -412,7 +475,11 @@ def main(argv: list[str] | None = None) -> int:
             keep = set(args.only.split(","))
             models = {k: v for k, v in models.items() if k in keep}
         evaluate(out, models, args.limit)
-    report(out, {**singles, **merged}, args.limit)
+    try:
+        report(out, {**singles, **merged}, args.limit, force=args.force)
+    except WouldLoseResults as err:
+        print(f"bench/merge.py: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

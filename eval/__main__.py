@@ -2,8 +2,10 @@
 
 Also ``python -m eval prepare`` to build every evaluation set in the absolute cache that the task
 YAMLs of ``eval/tasks`` read (what the stock ``lm_eval --include_path eval/tasks`` needs; it
-is also done on first use). Arguments are parsed before anything heavy is imported, so ``--help``
-and usage errors return at once (no torch).
+is also done on first use). Arguments and the suite name are checked before anything heavy is
+imported, so ``--help``, argparse's usage errors and an unknown ``--suite`` return at once (no
+torch); the checks that read the run directory, the adapter or the suite's tasks come after the
+imports, still before any model is loaded.
 """
 
 from __future__ import annotations
@@ -84,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["prepare"]:
         return _prepare(argv[1:])
     args = _parser().parse_args(argv)
-    from eval.runner import evaluate
+    if args.suite not in SUITE_NAMES:  # the same words as eval.suites.suite_tasks, without torch
+        print(f"python -m eval: error: unknown suite {args.suite!r}; choose one of "
+              f"{sorted(SUITE_NAMES)}", file=sys.stderr)
+        return 2
+    from eval.runner import evaluate, samples_name
 
     try:
         results = evaluate(args.run_dir, args.suite, limit=args.limit, compare=args.compare,
@@ -99,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     out = results["output_dir"]
     with open(os.path.join(out, "results.md")) as fh:  # the table, where the user is looking
         print("\n" + fh.read())
-    print(f"wrote {out}/results.json, {out}/results.md, {out}/results_{args.suite}.png")
+    labels = results["suites"][args.suite]["models"]
+    names = ["results.json", "results.md", f"results_{args.suite}.png",
+             *(samples_name(args.suite, label) for label in labels)]
+    print("wrote " + ", ".join(f"{out}/{name}" for name in names))
     return 0
 
 

@@ -21,7 +21,7 @@ from eval import checks, report, suites
 from riemann_zero import io
 from riemann_zero.progress import configure_logging, say
 
-__all__ = ["evaluate", "versions"]
+__all__ = ["evaluate", "versions", "samples_name"]
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when cached entries stop being comparable
@@ -98,6 +98,12 @@ def _refuse_overwrite(out_dir: Path, suite: str, settings: dict[str, Any], adapt
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+
+
+def samples_name(suite: str, label: str) -> str:
+    """File name of one model's generations in the output folder, e.g.
+    ``samples_commonsense_base.jsonl``."""
+    return f"samples_{suite}_{_slug(label)}.jsonl"
 
 
 def _run_task(model: _Model, task: str, task_manager, limit: int | None,
@@ -250,7 +256,7 @@ def evaluate(run_dir: str | os.PathLike, suite: str, *, limit: int | None = None
     results.setdefault("suites", {})[suite] = suite_results
     io.write_json(results_path, results, indent=1)
     for label, m in per_model.items():  # generations, for reading what the model said
-        with open(out_dir / f"samples_{suite}_{_slug(label)}.jsonl", "w") as fh:
+        with open(out_dir / samples_name(suite, label), "w") as fh:
             for task, e in m["tasks"].items():
                 for s in e["samples"]:
                     fh.write(json.dumps({"task": task, **s}, default=str) + "\n")

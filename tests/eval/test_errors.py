@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +100,56 @@ def test_suite_names_listed_in_help_are_the_suites():
     from eval import SUITE_NAMES, suites
 
     assert tuple(SUITE_NAMES) == tuple(suites.SUITES)
+
+
+def _fresh_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    """``python -m eval ARGV`` in a fresh interpreter that reports whether torch was imported."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['eval', *{argv!r}]\n"
+            "try:\n    runpy.run_module('eval', run_name='__main__')\n"
+            "except SystemExit as e:\n    print('EXIT', e.code)\n"
+            "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
+
+
+def test_unknown_suite_returns_without_importing_torch(tmp_path):
+    """eval/README.md: an unknown ``--suite`` is a usage error that returns at once, one line,
+    exit status 2, before torch is imported."""
+    out = _fresh_cli([str(tmp_path), "--suite", "bogus"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["EXIT", "2", "NO_TORCH"], out.stdout
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and "unknown suite 'bogus'" in err[0] and "commonsense" in err[0], err
+
+
+def test_bad_limit_returns_without_importing_torch(tmp_path):
+    out = _fresh_cli([str(tmp_path), "--suite", "math", "--limit", "0"])
+    assert out.stdout.split() == ["EXIT", "2", "NO_TORCH"], out.stdout
+    assert "must be >= 1" in out.stderr
+
+
+def test_wrote_line_names_every_file_written(tmp_path, capsys, monkeypatch):
+    """The CLI's last line names every file the evaluation wrote, the per-model samples files
+    included, and each named path exists (the evaluation is replaced by one that writes what
+    ``runner.evaluate`` writes, so no model is loaded)."""
+    from eval import runner
+
+    out = tmp_path / "eval"
+
+    def fake_evaluate(run_dir, suite, **kwargs):
+        labels = ["base", "smollm2-lora", "other/run"]
+        out.mkdir()
+        for name in ("results.json", "results.md", f"results_{suite}.png",
+                     *(runner.samples_name(suite, label) for label in labels)):
+            (out / name).write_text("x")
+        return {"output_dir": str(out),
+                "suites": {suite: {"models": {label: {} for label in labels}}}}
+
+    monkeypatch.setattr(runner, "evaluate", fake_evaluate)
+    assert main([str(tmp_path), "--suite", "commonsense"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("wrote "), line
+    named = {Path(p) for p in line.removeprefix("wrote ").split(", ")}
+    assert all(p.exists() for p in named), named
+    assert named == set(out.iterdir()), sorted(set(out.iterdir()) ^ named)

@@ -159,6 +159,11 @@ def test_cli_prints_the_real_paths_and_the_table(commonsense, run_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = (run_dir / "eval").resolve()
     assert f"wrote {out}/results.json, {out}/results.md" in proc.stdout
+    wrote = next(ln for ln in proc.stdout.splitlines() if ln.startswith("wrote "))
+    named = [Path(p) for p in wrote.removeprefix("wrote ").split(", ")]
+    assert all(p.exists() for p in named), named
+    assert {out / f"samples_commonsense_{label}.jsonl" for label in ("base", "smollm2-lora")} \
+        <= set(named)
     assert "RUN_DIR" not in proc.stdout
     assert "| smollm2-lora |" in proc.stdout and "95 % interval" in proc.stdout
     assert "Answered (% of documents" in proc.stdout
