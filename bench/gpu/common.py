@@ -6,7 +6,6 @@ under the output folder, so a part that fails or runs out of time leaves the oth
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,19 +50,11 @@ def sizes(dry_run: bool) -> Sizes:
 
 
 def load_reference():
-    """``riemann_zero/manifold/reference.py``, the dense float64 oracle, loaded from its file.
+    """``riemann_zero.manifold.reference``, the dense float64 oracle the test suite trusts (it
+    imports nothing of the package; bench/ may import it beside the public API)."""
+    from riemann_zero.manifold import reference
 
-    The oracle imports nothing of the package (tests/test_architecture.py holds it to that), so
-    it is read as a standalone file: the kit checks the device against the very oracle the test
-    suite trusts, and bench/ still imports nothing but the public API of the package.
-    """
-    import riemann_zero
-
-    path = Path(riemann_zero.__file__).parent / "manifold" / "reference.py"
-    spec = importlib.util.spec_from_file_location("riemann_zero_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return reference
 
 
 def sync(device: str) -> None:
