@@ -9,6 +9,8 @@ R = [V Q_b] (n×2r) on the right, so each is a 2r×2r coordinate matrix C standi
 - M ↦ [[R_a, 0], [C_bᵀ, R_bᵀ]]   (C_a, the U-part of M_U, is dropped: that is the projection
   (I − UUᵀ), so M_U may be a raw Euclidean block such as G V)
 - X ↦ [[0, 0], [Sᵀ, 0]] with S = VᵀK
+- polar(L C Rᵀ) = L polar(C) Rᵀ (L, R orthonormal): the polar factor of the coordinates,
+  :func:`riemann_zero.linalg.polar_factor`
 - tangent projection: zero the (Q_a, Q_b) block
 - the new point U' = L W₁, V' = R Z₁ from the SVD of the coordinates, K' = V' Σ₁
 - transport of C to the new point: dU = L (I − W₁W₁ᵀ) C Z₁, dK = R Cᵀ W₁
