@@ -161,7 +161,7 @@ class ManifoldOptimizer(torch.optim.Optimizer):
         comm: Counter[str] = Counter()
         stepped = False
         for group in self.param_groups:
-            if group["kind"] == "adamw":
+            if group.get("kind") == "adamw":
                 adamw_group_step_(group, self.state)
             elif group["params"]:  # ZeRO-3 steps one sub-group at a time: empty = not ours now
                 stepped |= self._step_group(group, comm)
@@ -191,10 +191,10 @@ class ManifoldOptimizer(torch.optim.Optimizer):
 
         The base steps ``"manifold"`` groups; subclasses with another kind override this.
         """
-        if group["kind"] != "manifold":
+        if group.get("kind") != "manifold":
             raise ValueError(f"{type(self).__name__} has no step for param groups of kind "
-                             f"{group['kind']!r}, but got one; build the optimizer again rather "
-                             f"than adding groups")
+                             f"{group.get('kind')!r}, but got one; build the optimizer again "
+                             f"rather than adding groups")
         shards = self._shards()
         shards.comm.clear()
         for bucket in self._buckets(group["adapters"]):

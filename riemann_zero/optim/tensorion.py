@@ -122,7 +122,6 @@ class Tensorion(ManifoldOptimizer):
                          names={name: p for name, (p, _) in self._tensors.items()})
 
     # ----------------------------------------------------------------------------------- step
-
     def _entries(self, group: dict) -> tuple[list[tuple[str, Tensor, tuple]], Tensor | None]:
         """(name, parameter, logical shape) of the tensors stepped now, and the flat partition
         the engine handed over (ZeRO), if any."""
