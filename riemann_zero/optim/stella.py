@@ -221,7 +221,7 @@ def _named_from_params(state_dict: dict, slots: list[Adapter]) -> dict:
     """A StelLA state dict of the earlier layout (U and its moments in torch.optim's state of
     lora_B, S, V and theirs in that of lora_A, the adapters' parameters first in module order)
     in the present one (per module name); others pass unchanged."""
-    if any(key in state_dict for key in ("named_state", "adapter_state")):
+    if "named_state" in state_dict:
         return state_dict
     state = dict(state_dict.get("state", {}))
     if not any("U" in st for st in state.values()):
