@@ -123,7 +123,7 @@ def optimizer_part(ranks: list[int], layers: int, repeats: int, device: str = "c
         state = {
             "adamw": sum(t.numel() for st in adamw.state.values() for t in st.values()
                          if torch.is_tensor(t) and t.dim() > 0),
-            "riemannion": sum(t.numel() for st in batched.adapter_state.values()
+            "riemannion": sum(t.numel() for st in batched.named_state.values()
                               for t in st.values() if torch.is_tensor(t)),
         }
         rows.append({

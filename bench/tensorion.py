@@ -136,7 +136,7 @@ def conv_run(method: str, lr: float, seed: int, data: dict) -> dict:
                       "test_acc": test_acc})
     unf = None
     if isinstance(opt, rz.Tensorion):  # the unfolding each kernel ended with
-        unf = [opt.tensor_state[n].get("unfolding") for n in opt.param_groups[0]["tensor_names"]]
+        unf = [opt.named_state[n].get("unfolding") for n in opt.param_groups[0]["tensor_names"]]
     return {"method": method, "lr": lr, "seed": seed, "curve": curve,
             "final": curve[-1], "unfoldings": unf, "wall_s": time.perf_counter() - t0}
 

@@ -26,8 +26,10 @@ __all__ = [
     "orthonormalize",
     "complete",
     "sym_powers",
+    "POLAR_METHODS",
     "polar",
     "ns_polar",
+    "polar_factor",
     "polar_tall",
     "householder_basis",
 ]
@@ -36,6 +38,8 @@ Reduce = Callable[[Tensor], Tensor] | None
 
 # Quintic Newton–Schulz coefficients from Muon (Keller Jordan, KellerJordan/Muon muon.py).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# The ways of computing a polar factor (:func:`polar_factor`): exact SVD, or Muon's iteration.
+POLAR_METHODS = ("svd", "newton_schulz")
 # Directions of a tall block whose Gram eigenvalue is below GRAM_RTOL·‖block‖_F² are treated as zero
 # (σ ratio ≈ 3e-7: below what an fp32 factor resolves; the fp64 Gram itself is exact to ~1e-16).
 GRAM_RTOL = 1e-13
@@ -141,6 +145,23 @@ def ns_polar(core: Tensor, steps: int) -> Tensor:
         s = x @ x.mT
         x = a * x + (b * s + c * s @ s) @ x
     return x
+
+
+def polar_factor(a: Tensor, method: str = "svd", ns_steps: int = 5, eps: float = 1e-6) -> Tensor:
+    """Polar factor U Vᵀ of a batch of matrices (b, rows, cols): the one dispatcher on ``method``.
+
+    ``"svd"``: exact (:func:`polar`), directions with σ < eps·σ_max dropped (zero → zero).
+    ``"newton_schulz"``: Muon's quintic iteration (:func:`ns_polar`, ``ns_steps`` iterations), run
+    on the wide orientation as Muon does, in the input's dtype; singular values land in about
+    [0.7, 1.2], not exactly 1. Used for Riemannion's 2r×2r cores and Tensorion's unfoldings.
+    """
+    if method == "svd":
+        return polar(a, eps)
+    if method == "newton_schulz":
+        tall = a.shape[-2] > a.shape[-1]
+        x = ns_polar(a.mT if tall else a, ns_steps)
+        return x.mT if tall else x
+    raise ValueError(f"ortho must be one of {POLAR_METHODS}, but got {method!r}")
 
 
 def polar_tall(y: Tensor) -> Tensor:

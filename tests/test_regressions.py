@@ -20,11 +20,11 @@ def test_every_manifold_optimizer_counts_its_steps(tiny_llama, name):
     for t in range(3):
         backward(model, batch(t))
         opt.step()
-    counts = {st["step"] for st in opt.adapter_state.values()}
-    assert counts == {3} and len(opt.adapter_state) == len(rz.find_adapters(model))
+    counts = {st["step"] for st in opt.named_state.values()}
+    assert counts == {3} and len(opt.named_state) == len(rz.find_adapters(model))
     twin = getattr(rz, name)(build(tiny_llama, seed=3), lr=1e-3)
     twin.load_state_dict(opt.state_dict())
-    assert {st["step"] for st in twin.adapter_state.values()} == {3}
+    assert {st["step"] for st in twin.named_state.values()} == {3}
 
 
 class _CountingLocal(LocalShards):
@@ -104,9 +104,9 @@ def test_state_for_other_rows_is_refused_at_the_first_step(tiny_llama, name, key
     ok.load_state_dict(state)
     backward(ok_model, batch(1))
     ok.step()  # the same layout: no complaint
-    bad_state = {**state, "adapter_state": {
+    bad_state = {**state, "named_state": {
         n: {k: (v[..., :-1, :] if k == key else v) for k, v in st.items()}
-        for n, st in state["adapter_state"].items()}}
+        for n, st in state["named_state"].items()}}
     twin_model = build(tiny_llama, seed=3)
     twin = getattr(rz, name)(twin_model, lr=1e-3)
     twin.load_state_dict(bad_state)

@@ -309,7 +309,7 @@ def test_bf16_model_keeps_fp32_masters(tiny_llama):
         model(**batch(t)).loss.backward()
         opt.step()
     for ad in rz.find_adapters(model):
-        st = opt.adapter_state[ad.name]
+        st = opt.named_state[ad.name]
         assert ad.lora_B.dtype == torch.bfloat16
         for key in ("master_B", "master_At", "momentum_U", "momentum_K"):
             assert st[key].dtype == torch.float32, key
@@ -361,10 +361,10 @@ def test_state_dict_round_trip_gives_identical_next_step(tiny_llama, tmp_path, d
         for n, p in model2.named_parameters():
             if p.requires_grad:
                 assert torch.equal(p, want[n]), (source, n)
-        for name, st in opt.adapter_state.items():
+        for name, st in opt.named_state.items():
             for key, v in st.items():
                 if isinstance(v, torch.Tensor):
-                    assert torch.equal(opt2.adapter_state[name][key], v), (source, name, key)
+                    assert torch.equal(opt2.named_state[name][key], v), (source, name, key)
 
 
 # ------------------------------------------------------------------ validation and AdamW group

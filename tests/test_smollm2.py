@@ -86,9 +86,9 @@ def check_training(model, opt, before, after, losses, k: int = 5):
         # are their own masters; bf16 adapter weights get fp32 masters (see test_riemannion).
         assert ad.module.base_layer.weight.dtype == torch.bfloat16
         if ad.lora_B.dtype == torch.float32:
-            assert "master_B" not in opt.adapter_state[ad.name]
+            assert "master_B" not in opt.named_state[ad.name]
         else:
-            master = opt.adapter_state[ad.name]["master_B"]
+            master = opt.named_state[ad.name]["master_B"]
             assert torch.equal(ad.lora_B, master.to(ad.lora_B.dtype))
 
 

@@ -40,9 +40,9 @@ def lora_layers(model):
 
 
 def masters(opt, module):
-    st_b = opt.state[module.lora_B["default"].weight]
-    st_a = opt.state[module.lora_A["default"].weight]
-    return st_b["U"], st_a["S"], st_a["V"]
+    name = next(sl.name for sl in opt._slots if sl.module is module)
+    st = opt.named_state[name]
+    return st["U"], st["S"], st["V"]
 
 
 def s_matrix(s: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import riemann_zero as rz
+from riemann_zero.linalg import polar_factor
 from riemann_zero.manifold import reference as ref
 from riemann_zero.manifold import tensor as geo
 
@@ -72,11 +73,11 @@ def test_lmo_beats_random_feasible_points(shape):
     points = []
     for tau in taus:
         rows, cols = geo.unfold_shape(shape, tau)
-        own = geo.polar_matrix(geo.unfold(m[None], tau))  # best point of this ball
+        own = polar_factor(geo.unfold(m[None], tau))  # best point of this ball
         points.append(geo.fold(own, tau, shape)[0])
         for _ in range(20):
             z = torch.randn(1, rows, cols, generator=gen, dtype=torch.float64)
-            points.append(geo.fold(geo.polar_matrix(z), tau, shape)[0])
+            points.append(geo.fold(polar_factor(z), tau, shape)[0])
     for _ in range(100):
         w = torch.rand(len(points), generator=gen, dtype=torch.float64)
         points.append(sum(wi * p for wi, p in zip(w / w.sum(), points)))
@@ -235,7 +236,7 @@ def test_reselect_every_keeps_the_unfolding_between_selections():
     for step in range(6):
         p.grad = _rand((4, 4, 4), 40 + step)
         opt.step()
-        chosen.append(opt.tensor_state["0.0"]["unfolding"])
+        chosen.append(opt.named_state["0.0"]["unfolding"])
         fresh = int(geo.online_unfolding(p.grad[None]))
         if step % 3 == 0:
             assert chosen[-1] == fresh  # momentum 0: the selection sees this gradient
@@ -262,11 +263,11 @@ def test_state_dict_round_trip_and_resume():
             p.copy_(q)
     opt2.load_state_dict(sd)
     sd2 = opt2.state_dict()
-    assert sd2["tensor_state"].keys() == sd["tensor_state"].keys()
-    for k, st in sd["tensor_state"].items():
-        assert st["step"] == sd2["tensor_state"][k]["step"]
-        assert st["unfolding"] == sd2["tensor_state"][k]["unfolding"]
-        assert torch.equal(st["momentum"], sd2["tensor_state"][k]["momentum"])
+    assert sd2["named_state"].keys() == sd["named_state"].keys()
+    for k, st in sd["named_state"].items():
+        assert st["step"] == sd2["named_state"][k]["step"]
+        assert st["unfolding"] == sd2["named_state"][k]["unfolding"]
+        assert torch.equal(st["momentum"], sd2["named_state"][k]["momentum"])
     for k, st in sd["state"].items():
         for key, v in st.items():
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(sd2["state"][k][key]))

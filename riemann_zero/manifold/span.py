@@ -9,6 +9,8 @@ R = [V Q_b] (n×2r) on the right, so each is a 2r×2r coordinate matrix C standi
 - M ↦ [[R_a, 0], [C_bᵀ, R_bᵀ]]   (C_a, the U-part of M_U, is dropped: that is the projection
   (I − UUᵀ), so M_U may be a raw Euclidean block such as G V)
 - X ↦ [[0, 0], [Sᵀ, 0]] with S = VᵀK
+- polar(L C Rᵀ) = L polar(C) Rᵀ (L, R orthonormal): the polar factor of the coordinates,
+  :func:`riemann_zero.linalg.polar_factor`
 - tangent projection: zero the (Q_a, Q_b) block
 - the new point U' = L W₁, V' = R Z₁ from the SVD of the coordinates, K' = V' Σ₁
 - transport of C to the new point: dU = L (I − W₁W₁ᵀ) C Z₁, dK = R Cᵀ W₁
@@ -35,8 +37,8 @@ from riemann_zero.manifold.fixed_rank import NULL_RTOL, Point, Tangent
 # fp32 step (~1e-6), well below the 1e-5 the health checks allow.
 DRIFT_TOL = 3e-6
 
-__all__ = ["Span", "restore_orthonormality", "factor", "polar", "tangent_part", "truncate",
-           "transport", "split_blocks"]
+__all__ = ["Span", "restore_orthonormality", "factor", "tangent_part", "truncate", "transport",
+           "split_blocks"]
 
 
 class Span(NamedTuple):
@@ -103,15 +105,6 @@ def factor(x: Point, m_u: Tensor, m_k: Tensor, reduce_m: Reduce = None,
     ones = torch.ones_like(keep_a)
     span = Span(qa, x.U, x.V, qb, torch.cat([keep_a, ones], -1), torch.cat([ones, keep_b], -1))
     return span, cm, cx
-
-
-def polar(c: Tensor, eps: float = 1e-6, method: str = "svd", ns_steps: int = 5) -> Tensor:
-    """Coordinates of polar(L C Rᵀ) = L polar(C) Rᵀ (L, R orthonormal); σ < eps·σ_max dropped."""
-    if method == "newton_schulz":
-        return linalg.ns_polar(c, ns_steps)
-    if method != "svd":
-        raise ValueError(f"ortho method must be 'svd' or 'newton_schulz', but got {method!r}")
-    return linalg.polar(c, eps)
 
 
 def tangent_part(c: Tensor) -> Tensor:

@@ -26,12 +26,10 @@ from torch import Tensor
 
 from riemann_zero import linalg
 
-__all__ = ["UNFOLDINGS", "ORTHO", "unfoldings", "unfold_shape", "unfold", "fold",
-           "offline_unfolding", "nuclear_norms", "online_unfolding", "polar_matrix", "lmo",
-           "tensorion_direction"]
+__all__ = ["UNFOLDINGS", "unfoldings", "unfold_shape", "unfold", "fold", "offline_unfolding",
+           "nuclear_norms", "online_unfolding", "lmo", "tensorion_direction"]
 
 UNFOLDINGS = ("online", "offline")
-ORTHO = ("svd", "newton_schulz")
 
 
 def unfoldings(order: int) -> tuple[tuple[int, ...], ...]:
@@ -102,26 +100,11 @@ def online_unfolding(m: Tensor) -> Tensor:
     return nuclear_norms(m).argmax(dim=-1)
 
 
-def polar_matrix(a: Tensor, ortho: str = "svd", ns_steps: int = 5, eps: float = 1e-6) -> Tensor:
-    """Polar factor U Vᵀ of a batch of matrices (b, rows, cols).
-
-    ``"svd"``: exact, directions with σ < eps·σ_max dropped (zero → zero). ``"newton_schulz"``:
-    Muon's quintic iteration (:data:`riemann_zero.linalg.NS_COEFFS`), run on the wide orientation
-    as Muon does, in the input's dtype; singular values land in about [0.7, 1.2], not exactly 1.
-    """
-    if ortho == "svd":
-        return linalg.polar(a, eps)
-    if ortho == "newton_schulz":
-        tall = a.shape[-2] > a.shape[-1]
-        x = linalg.ns_polar(a.mT if tall else a, ns_steps)
-        return x.mT if tall else x
-    raise ValueError(f"ortho must be one of {ORTHO}, but got {ortho!r}")
-
-
 def lmo(m: Tensor, taus: Tensor | list[int], ortho: str = "svd", ns_steps: int = 5) -> Tensor:
     """D = fold_τ(polar(M_(τ))) for each tensor of a batch (b, *shape), τ = unfoldings[taus[i]].
 
-    Tensors sharing a τ go through one batched polar call.
+    Tensors sharing a τ go through one batched polar call (:func:`linalg.polar_factor`; its
+    ``"newton_schulz"`` runs on the wide orientation of each unfolding, as Muon does).
     """
     shape = tuple(m.shape[1:])
     all_taus = unfoldings(len(shape))
@@ -133,7 +116,7 @@ def lmo(m: Tensor, taus: Tensor | list[int], ortho: str = "svd", ns_steps: int =
         rows = [i for i, t in enumerate(idx) if t == k]
         tau = all_taus[k]
         part = m[rows] if len(rows) < len(idx) else m
-        d = fold(polar_matrix(unfold(part, tau), ortho, ns_steps), tau, shape)
+        d = fold(linalg.polar_factor(unfold(part, tau), ortho, ns_steps), tau, shape)
         out[rows] = d.to(m.dtype)
     return out
 
@@ -154,8 +137,8 @@ def tensorion_direction(M: Tensor, unfolding: str = "online", ortho: str = "svd"
     """
     if unfolding not in UNFOLDINGS:
         raise ValueError(f"unfolding must be one of {UNFOLDINGS}, but got {unfolding!r}")
-    if ortho not in ORTHO:
-        raise ValueError(f"ortho must be one of {ORTHO}, but got {ortho!r}")
+    if ortho not in linalg.POLAR_METHODS:
+        raise ValueError(f"ortho must be one of {linalg.POLAR_METHODS}, but got {ortho!r}")
     if M.ndim < 2:
         raise ValueError(f"tensorion_direction needs a tensor of order >= 2, but got shape "
                          f"{tuple(M.shape)}")

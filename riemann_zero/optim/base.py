@@ -1,15 +1,28 @@
-"""Shared machinery of the manifold optimizers: param groups, batching by shape, state, AdamW group.
+"""The one base of the package's optimizers: Riemannion, RiemannSGD, RiemannAdam, StelLA, Tensorion.
 
-Subclasses implement ``_update(group, bucket, x, g_u, g_k, states, shards) -> Point``: the
-algorithm on one batch of same-shaped adapters, written with :mod:`riemann_zero.manifold` only.
-The base class counts steps (``state["step"]`` per adapter, before ``_update`` runs), reads and
-writes the rows through the sharding layer, and steps the other trainable parameters with the one
-AdamW update of :mod:`riemann_zero.optim.adamw`.
+What every one of them gets from :class:`ManifoldOptimizer`:
+
+- **state keyed by name** (``named_state[adapter or tensor name]``): it survives ZeRO's
+  substitution of param groups by flat partitions, and :meth:`~ManifoldOptimizer.state_dict`
+  saves it beside torch.optim's own; :meth:`~ManifoldOptimizer.named_state_dict` /
+  :meth:`~ManifoldOptimizer.load_named_state_dict` hand it alone to checkpointers that keep only
+  torch.optim's part. Floating state comes back in its own dtype (:func:`keep_state_dtypes`).
+- **one step skeleton**: every param group has a ``kind``. ``"adamw"`` groups (the trainable
+  parameters the algorithm does not move) take the one AdamW update of
+  :mod:`riemann_zero.optim.adamw`; every other group goes to ``_step_group``, which dispatches on
+  the kind. The base steps ``"manifold"`` groups, fixed-rank adapters in the rank-2r layout, in
+  same-shaped buckets (:mod:`riemann_zero.optim.buckets`), counting ``step`` per adapter before
+  the subclass's ``_update`` computes the new point of one bucket (Riemannion, RiemannSGD,
+  RiemannAdam). StelLA (``"stella"``: U, V on Stiefel) and Tensorion (``"tensorion"``: whole
+  tensors of any order) override ``_step_group`` for their own kind.
+- **one hyper-parameter check** (:func:`check_hyper`, ``ValueError("… but got …")``), run on the
+  defaults at construction.
+- **communication accounting**: ``last_step_comm`` (bytes this rank handed to each collective in
+  the last optimizer step) and ``comm_total``.
 """
 
 from __future__ import annotations
 
-import abc
 import logging
 from collections import Counter, defaultdict
 
@@ -17,186 +30,205 @@ import torch
 from torch import Tensor, nn
 
 from riemann_zero.adapters.layout import Adapter, find_adapters
-from riemann_zero.linalg import orthonormalize, reduce_sum
+from riemann_zero.linalg import POLAR_METHODS
 from riemann_zero.manifold import fixed_rank as geo
-from riemann_zero.manifold import span
+from riemann_zero.manifold.tensor import UNFOLDINGS
+from riemann_zero.optim import buckets as bk
 from riemann_zero.optim.adamw import adamw_group_step_, closure_loss
 from riemann_zero.sharding.shards import resolve_shards
 
-__all__ = ["ManifoldOptimizer", "adamw_group", "check_common", "keep_state_dtypes",
-           "manifold_health"]
+__all__ = ["ManifoldOptimizer", "RMS_MATCH", "adamw_group", "check_hyper", "fixed_rank_groups",
+           "keep_state_dtypes", "manifold_health"]
 
 _log = logging.getLogger(__name__)
 
+# Moonlight's RMS-matching factor (arXiv 2502.16982 §2.2). A polar factor O of an m×n matrix has
+# its min(m, n) singular values at 1, so ‖O‖_F = √min(m, n) and its entries' RMS is
+# 1/√max(m, n); AdamW's updates have an RMS of about 0.2–0.4, so 0.2·√max(m, n)·O gives an update
+# of RMS 0.2 and lets Muon-type optimizers reuse AdamW's lr and weight decay. torch.optim.Muon's
+# adjust_lr_fn="match_rms_adamw" uses the same 0.2·√max(rows, cols).
+RMS_MATCH = 0.2
 
-CPU_BUCKET_BYTES = 16 << 20
+# hyper-parameter → (is it valid, what a valid value is); every optimizer here checks the keys it
+# has against this one table.
+_RULES = {
+    "lr": (lambda v: v >= 0.0, "must be >= 0"),
+    "weight_decay": (lambda v: v >= 0.0, "must be >= 0"),
+    "momentum": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "betas": (lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v),
+              "must be two numbers in [0, 1)"),
+    "eps": (lambda v: v > 0.0, "must be > 0"),
+    "ortho": (lambda v: v in POLAR_METHODS, f"must be one of {POLAR_METHODS}"),
+    "ns_steps": (lambda v: isinstance(v, int) and v >= 1, "must be an int >= 1"),
+    "ortho_eps": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "lr_scale": (lambda v: v in (None, "rms"), "must be None or 'rms'"),
+    "momentum_buffer": (lambda v: v in ("raw", "paper"), "must be 'raw' or 'paper'"),
+    "unfolding": (lambda v: v in UNFOLDINGS, f"must be one of {UNFOLDINGS}"),
+    "reselect_every": (lambda v: isinstance(v, int) and v >= 1, "must be an int >= 1"),
+    "adamw_lr": (lambda v: v is None or v >= 0.0, "must be >= 0 or None"),
+    "adamw_weight_decay": (lambda v: v >= 0.0, "must be >= 0"),
+}
+
+# Keys under which earlier versions saved the named state (their checkpoints still load).
+_EARLIER_KEYS = ("adapter_state", "tensor_state")
 
 
-def _canonical(x: geo.Point, shards) -> geo.Point:
-    """Re-factor a point first read from low-precision (bf16/fp16) parameters.
-
-    Rounded to bf16, U is orthonormal only to ~1e-3 and V no longer spans range K; every later
-    step would inherit both (the geometry assumes them). The point the model computes with,
-    X̃ = Ũ K̃ᵀ, is kept: Ũ = Q R gives U = Q, K = K̃ Rᵀ, and a zero-step retraction re-derives an
-    orthonormal V spanning range K with K = V Σ.
-    """
-    rm, rn = shards.reduce_m, shards.reduce_n
-    q, rr, _, _ = orthonormalize(x.U, None, rm)
-    v = orthonormalize(x.V, None, rn)[0]
-    start = geo.Point(q, v, x.K @ rr.mT.to(x.K.dtype))
-    zero = geo.Tangent(torch.zeros_like(start.U), torch.zeros_like(start.K))
-    return geo.retract(start, zero, 1.0, rm, rn)
-
-
-def check_common(lr: float, weight_decay: float, momentum: float | None = None) -> None:
-    """The hyper-parameter checks every manifold optimizer shares (``ValueError``)."""
-    if not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, but got {lr}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
-    if momentum is not None and not 0.0 <= momentum < 1.0:
-        raise ValueError(f"momentum must be in [0, 1), but got {momentum}")
+def check_hyper(hp: dict, where: str = "") -> None:
+    """Raise ``ValueError("<where><key> must be …, but got …")`` for the first invalid
+    hyper-parameter of ``hp`` (keys without a rule are not checked)."""
+    for key, value in hp.items():
+        rule = _RULES.get(key)
+        if rule is None:
+            continue
+        try:
+            ok = bool(rule[0](value))
+        except TypeError:  # a string where a number belongs, a number where a pair does
+            ok = False
+        if not ok:
+            raise ValueError(f"{where}{key} {rule[1]}, but got {value!r}")
 
 
 def adamw_group(lr: float, adamw_lr: float | None, betas: tuple[float, float], eps: float,
                 weight_decay: float) -> dict:
     """Hyper-parameters of the AdamW group of the non-adapter parameters (lr defaults to the
     manifold group's)."""
+    check_hyper(dict(adamw_lr=adamw_lr, adamw_weight_decay=weight_decay))
     return dict(lr=lr if adamw_lr is None else adamw_lr, betas=tuple(betas), eps=eps,
                 weight_decay=weight_decay)
 
 
-def _pad_rows(t: Tensor, rows: int) -> Tensor:
-    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+def fixed_rank_groups(model: nn.Module | list[Adapter], defaults: dict, adamw: dict,
+                      params: list[nn.Parameter] | None = None) -> tuple[list[dict], list[Adapter]]:
+    """Param groups of a fixed-rank optimizer: one ``"manifold"`` group of the adapters (found in
+    a PEFT model in the manifold layout, or given as a list with ``params`` the other trainable
+    parameters), one ``"adamw"`` group of the other trainable parameters if any."""
+    if isinstance(model, nn.Module):
+        adapters = find_adapters(model)
+        owned = {id(p) for ad in adapters for p in (ad.lora_A, ad.lora_B)}
+        extras = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
+    else:
+        adapters, extras = list(model), list(params or [])
+    if not adapters:
+        raise ValueError("no manifold adapters given")
+    groups = [{
+        "params": [p for ad in adapters for p in (ad.lora_B, ad.lora_A)],
+        "kind": "manifold",
+        "adapters": [ad.name for ad in adapters],
+        **defaults,
+    }]
+    if extras:
+        groups.append({"params": extras, "kind": "adamw", **adamw})
+    return groups, adapters
 
 
-class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
-    """Base class. Group 0 holds the manifold adapters; other trainable parameters go to AdamW.
+class ManifoldOptimizer(torch.optim.Optimizer):
+    """Base class of the package's optimizers (see the module docstring for what it does).
 
     Args:
-        model: a PEFT model in the manifold layout, or a list of :class:`Adapter` (then
-            ``params`` lists the other trainable parameters, if any).
-        defaults: hyper-parameters of the manifold group.
-        adamw: lr, betas, eps, weight_decay of the AdamW group.
-        params: extra trainable parameters when ``model`` is a list of adapters.
+        groups: the param groups, each with a ``kind`` (``"adamw"`` groups carry lr, betas, eps,
+            weight_decay).
+        defaults: the hyper-parameters of the algorithm's groups, checked by :func:`check_hyper`.
+        names: every name the state may be kept under (adapter or tensor name) → a parameter of
+            it (its device is where loaded state goes); ``None``: the adapters' names.
+        adapters: the fixed-rank adapters of the ``"manifold"`` groups (none for StelLA and
+            Tensorion).
     """
 
-    def __init__(self, model: nn.Module | list[Adapter], defaults: dict, adamw: dict,
-                 params: list[nn.Parameter] | None = None) -> None:
-        if isinstance(model, nn.Module):
-            adapters = find_adapters(model)
-            owned = {id(p) for ad in adapters for p in (ad.lora_A, ad.lora_B)}
-            extras = [p for p in model.parameters() if p.requires_grad and id(p) not in owned]
-        else:
-            adapters, extras = list(model), list(params or [])
-        if not adapters:
-            raise ValueError("no manifold adapters given")
-        groups = [{
-            "params": [p for ad in adapters for p in (ad.lora_B, ad.lora_A)],
-            "kind": "manifold",
-            "adapters": [ad.name for ad in adapters],
-            **defaults,
-        }]
-        if extras:
-            groups.append({"params": extras, "kind": "adamw", **adamw})
+    def __init__(self, groups: list[dict], defaults: dict, names: dict[str, Tensor] | None = None,
+                 adapters: list[Adapter] = ()) -> None:
+        check_hyper(defaults)
         super().__init__(groups, defaults)
-        self.adapters: dict[str, Adapter] = {ad.name: ad for ad in adapters}
-        self.adapter_state: dict[str, dict] = defaultdict(dict)
-        self.shards = None  # resolved at the first step, once an engine has laid out the params
-        self._check_loaded_rows = False  # set by load_adapter_state_dict, cleared by step
-        # One batched call per shape (default); False: a per-adapter loop (benchmarks, debugging).
-        self.batch_by_shape = True
-        # Cap on one batched call's factor bytes: "auto" = CPU_BUCKET_BYTES for CPU parameters
-        # (stacked temporaries past a few MiB fall out of cache and cost more than the Python
-        # loop saves; bench/overhead.py), no cap on accelerators where the step is launch-bound.
-        self.bucket_bytes: int | str | None = "auto"
+        self._names = {ad.name: ad.lora_B for ad in adapters} if names is None else names
+        self.named_state: dict[str, dict] = defaultdict(dict)
         self.last_step_comm: dict[str, int] = {}
         self.comm_total: Counter[str] = Counter()
+        self._comm_step = -1
+        self._just_loaded = False  # set by load_named_state_dict, cleared by the next step
+        # The fixed-rank adapters ("manifold" groups) and how they are batched.
+        self.adapters: dict[str, Adapter] = {ad.name: ad for ad in adapters}
+        self.shards = None  # resolved at the first step, once an engine has laid out the params
+        # One batched call per shape (default); False: a per-adapter loop (benchmarks, debugging).
+        self.batch_by_shape = True
+        # Cap on one batched call's factor bytes: "auto" = CPU_BUCKET_BYTES for CPU parameters,
+        # no cap on accelerators where the step is launch-bound.
+        self.bucket_bytes: int | str | None = "auto"
 
     # ----------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of every group: the algorithm's groups, then AdamW on the others."""
+        loss = closure_loss(closure)
+        comm: Counter[str] = Counter()
+        stepped = False
+        for group in self.param_groups:
+            if group.get("kind") == "adamw":
+                adamw_group_step_(group, self.state)
+            elif group["params"]:  # ZeRO-3 steps one sub-group at a time: empty = not ours now
+                stepped |= self._step_group(group, comm)
+        if stepped:
+            self._just_loaded = False
+            self._count_comm(comm)
+        return loss
+
+    def _count_comm(self, comm: Counter) -> None:
+        """Add one call's bytes to ``last_step_comm`` and ``comm_total``.
+
+        DeepSpeed calls step() once per param group (ZeRO-1/2) or sub-group (ZeRO-3): calls that
+        advance no step counter belong to the same optimizer step.
+        """
+        count = max((st.get("step", 0) for st in self.named_state.values()), default=0)
+        if count != self._comm_step:
+            self.last_step_comm, self._comm_step = {}, count
+        merged = Counter(self.last_step_comm)
+        merged.update(comm)
+        self.last_step_comm = dict(merged)
+        self.comm_total.update(comm)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("optimizer step communication (bytes): %s", self.last_step_comm)
+
+    def _step_group(self, group: dict, comm: Counter) -> bool:
+        """Step one group of the algorithm (held on this rank now); False if nothing moved.
+
+        The base steps ``"manifold"`` groups; subclasses with another kind override this.
+        """
+        if group.get("kind") != "manifold":
+            raise ValueError(f"{type(self).__name__} has no step for param groups of kind "
+                             f"{group.get('kind')!r}, but got one; build the optimizer again "
+                             f"rather than adding groups")
+        shards = self._shards()
+        shards.comm.clear()
+        for bucket in self._buckets(group["adapters"]):
+            states = [self.named_state[ad.name] for ad in bucket]
+            x, g_u, g_k, rows_m, rows_n = bk.read_bucket(bucket, states, shards,
+                                                         self._just_loaded)
+            for st in states:
+                st["step"] = st.get("step", 0) + 1
+            new = self._update(group, bucket, x, g_u, g_k, states, shards)
+            bk.write_bucket(bucket, states, shards, new, rows_m, rows_n)
+        comm.update(shards.comm)
+        return True
+
+    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
+                states: list[dict], shards) -> geo.Point:
+        """The algorithm on one bucket of same-shaped fixed-rank adapters (point ``x``, gradient
+        blocks G V and Gᵀ U); returns the new point. Subclasses with ``"manifold"`` groups
+        implement it."""
+        raise NotImplementedError(f"{type(self).__name__} steps no fixed-rank adapters")
+
     def _shards(self):
         if self.shards is None:
             self.shards = resolve_shards(list(self.adapters.values()), self.param_groups)
         return self.shards
 
     def _buckets(self, names: list[str]) -> list[list[Adapter]]:
-        """Same-shaped adapters together, cut into calls of at most ``bucket_bytes``.
-
-        Cuts depend on the global shapes only, so every rank forms the same buckets.
-        """
-        by_shape: dict[tuple, list[Adapter]] = defaultdict(list)
-        for name in names:
-            ad = self.adapters[name]
-            by_shape[(ad.m, ad.n, ad.r) if self.batch_by_shape else name].append(ad)
+        """The fixed-rank adapters ``names`` in batched calls (:func:`buckets.cut_buckets`)."""
         cap = self.bucket_bytes
         if cap == "auto":
             on_cpu = next(iter(self.adapters.values())).lora_B.device.type == "cpu"
-            cap = CPU_BUCKET_BYTES if on_cpu else None
-        out = []
-        for bucket in by_shape.values():
-            ad = bucket[0]
-            calls = -(-len(bucket) * 4 * (ad.m + ad.n) * ad.r // cap) if cap else 1
-            per = -(-len(bucket) // calls)  # even cuts: 32 → 16 + 16, not 27 + 5
-            out += [bucket[i: i + per] for i in range(0, len(bucket), per)]
-        return out
+            cap = bk.CPU_BUCKET_BYTES if on_cpu else None
+        return bk.cut_buckets([self.adapters[n] for n in names], self.batch_by_shape, cap)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One manifold step for every adapter (and one AdamW step for the other parameters)."""
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            if group.get("kind") == "manifold":
-                if not group["params"]:  # ZeRO-3 steps one sub-group at a time; not ours now
-                    continue
-                shards = self._shards()
-                shards.comm.clear()
-                for bucket in self._buckets(group["adapters"]):
-                    self._step_bucket(group, bucket, shards)
-                self._check_loaded_rows = False
-                self.last_step_comm = dict(shards.comm)  # bytes by collective, this step
-                self.comm_total.update(shards.comm)
-                if _log.isEnabledFor(logging.DEBUG):
-                    _log.debug("manifold step communication (bytes): %s", self.last_step_comm)
-            else:
-                adamw_group_step_(group, self.state)
-        return loss
-
-    def _step_bucket(self, group: dict, bucket: list[Adapter], shards) -> None:
-        r = bucket[0].r
-        states = [self.adapter_state[ad.name] for ad in bucket]
-        reads = [shards.read(ad, st) for ad, st in zip(bucket, states)]
-        rows_m = [rd[0].shape[0] for rd in reads]
-        rows_n = [rd[2].shape[0] for rd in reads]
-        if self._check_loaded_rows:
-            _check_state_rows(bucket, states, max(rows_m), max(rows_n))
-        dtype = torch.float64 if reads[0][0].dtype == torch.float64 else torch.float32
-
-        def stack(i: int, cols: slice, rows: list[int]) -> Tensor:  # only the r-wide halves used
-            return torch.stack([_pad_rows(rd[i][:, cols].to(dtype), max(rows)) for rd in reads])
-
-        first, last = slice(0, r), slice(r, 2 * r)
-        x = geo.Point(stack(0, last, rows_m), stack(2, first, rows_n), stack(2, last, rows_n))
-        x = span.restore_orthonormality(x, shards.reduce_m, shards.reduce_n)
-        g_u, g_k = stack(1, first, rows_m), stack(3, last, rows_n)
-        if bucket[0].lora_B.dtype not in (torch.float32, torch.float64) and not all(
-                "canonical" in st for st in states):
-            x = _canonical(x, shards)
-            for st in states:
-                st["canonical"] = True
-        for st in states:
-            st["step"] = st.get("step", 0) + 1
-        new = self._update(group, bucket, x, g_u, g_k, states, shards)
-        b_new = torch.cat([torch.zeros_like(new.U), new.U], dim=-1)
-        at_new = torch.cat([new.V, new.K], dim=-1)
-        for i, (ad, st) in enumerate(zip(bucket, states)):
-            shards.write(ad, st, b_new[i, : rows_m[i]], at_new[i, : rows_n[i]])
-
-    @abc.abstractmethod
-    def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
-                states: list[dict], shards) -> geo.Point:
-        """The algorithm on one batch of same-shaped adapters; returns the new point."""
-
-    # ------------------------------------------------------------------- per-adapter state
+    # -------------------------------------------------------------------- state per name
     @staticmethod
     def _get(states: list[dict], key: str) -> Tensor | None:
         if key not in states[0]:
@@ -216,97 +248,75 @@ class ManifoldOptimizer(torch.optim.Optimizer, abc.ABC):
         self._put(states, key + "_U", xi.dU)
         self._put(states, key + "_K", xi.dK)
 
-    # ------------------------------------------------------------------------------ AdamW
     # ------------------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
-        """torch.optim state plus the per-adapter state, keyed by module name (survives ZeRO's
-        substitution of param groups by flat partitions)."""
+        """torch.optim's state (AdamW moments of the other parameters) plus ``named_state``."""
         sd = super().state_dict()
-        sd["adapter_state"] = self.adapter_state_dict()
+        sd["named_state"] = self.named_state_dict()
         return sd
 
-    def adapter_state_dict(self) -> dict[str, dict]:
-        """The per-adapter state alone (this rank's rows under sharding). Checkpointers that keep
-        only torch.optim's ``state``/``param_groups`` (torch.distributed.checkpoint under FSDP2)
-        must save this beside theirs and restore it with :meth:`load_adapter_state_dict`."""
-        return {name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
-                for name, st in self.adapter_state.items()}
-
-    def load_adapter_state_dict(self, adapter_state: dict[str, dict]) -> None:
-        """Inverse of :meth:`adapter_state_dict`; keeps dtypes (fp32 masters of bf16 params)."""
-        unknown = set(adapter_state) - set(self.adapters)
-        if unknown:
-            raise ValueError(
-                f"optimizer state names adapters this model lacks: {sorted(unknown)[:5]}")
-        self.adapter_state = defaultdict(dict)
-        self._check_loaded_rows = True
-        for name, st in adapter_state.items():
-            device = self.adapters[name].lora_B.device
-            self.adapter_state[name] = {
-                k: (v.to(device=device, copy=True) if isinstance(v, Tensor) else v)
-                for k, v in st.items()
-            }
-
     def load_state_dict(self, state_dict: dict) -> None:
+        """Inverse of :meth:`state_dict`; floating state keeps its saved dtype."""
         state_dict = dict(state_dict)
-        adapter_state = state_dict.pop("adapter_state", {})
+        named = state_dict.pop("named_state", None)
+        for key in _EARLIER_KEYS:  # checkpoints written before the state had one name
+            earlier = state_dict.pop(key, None)
+            named = earlier if named is None else named
         super().load_state_dict(state_dict)
         keep_state_dtypes(self, state_dict)  # fp32 AdamW moments of bf16 extras stay fp32
-        self.load_adapter_state_dict(adapter_state)
+        self.load_named_state_dict({} if named is None else named)
+
+    def named_state_dict(self) -> dict[str, dict]:
+        """The state kept per name alone (this rank's rows under sharding). Checkpointers that
+        keep only torch.optim's ``state``/``param_groups`` (torch.distributed.checkpoint under
+        FSDP2) must save this beside theirs and restore it with :meth:`load_named_state_dict`."""
+        return {name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+                for name, st in self.named_state.items()}
+
+    def load_named_state_dict(self, named_state: dict[str, dict]) -> None:
+        """Inverse of :meth:`named_state_dict`; keeps dtypes (fp32 masters of bf16 params)."""
+        unknown = set(named_state) - set(self._names)
+        if unknown:
+            raise ValueError(
+                f"optimizer state names {sorted(unknown)[:5]}, which this optimizer lacks; was "
+                f"it built from the same model and parameters?")
+        self.named_state = defaultdict(dict)
+        self._just_loaded = True
+        for name, st in named_state.items():
+            p = self._names[name]
+            device = p.device if p.device.type != "meta" else "cpu"
+            self.named_state[name] = {
+                k: (v.to(device=device, copy=True) if isinstance(v, Tensor) else v)
+                for k, v in st.items()}
+
+    # The name the engines test for before one name served every optimizer (train/engines.py).
+    adapter_state_dict = named_state_dict
 
     # --------------------------------------------------------------------------- health
     @torch.no_grad()
     def manifold_health(self) -> dict[str, float]:
-        """max ‖UᵀU − I‖_F, max ‖VᵀV − I‖_F, max ‖Z‖_F and mean ‖X‖_F (= ‖K‖_F) over adapters.
+        """max ‖UᵀU − I‖_F, max ‖VᵀV − I‖_F, max ‖Z‖_F and mean ‖X‖_F (= ‖K‖_F) over the
+        fixed-rank adapters (empty without any).
 
         Collective under an engine (every rank calls it): one reduction per bucket, of the
-        stacked 2r×2r Grams BᵀB and AAᵀ (which hold UᵀU, ZᵀZ, VᵀV and KᵀK). Meant for logged
-        steps, not every step.
+        stacked 2r×2r Grams. Meant for logged steps, not every step.
         """
+        if not self.adapters:
+            return {}
         shards = self._shards()
         orth_u = orth_v = z_norm = 0.0
         x_norms: list[float] = []
         for bucket in self._buckets(list(self.adapters)):
-            r = bucket[0].r
-            reads = [shards.read(ad, self.adapter_state[ad.name]) for ad in bucket]
-            gb = torch.stack([(b.mT @ b).double() for b, _, _, _ in reads])  # [Z U]ᵀ[Z U]
-            ga = torch.stack([(at.mT @ at).double() for _, _, at, _ in reads])  # [V K]ᵀ[V K]
-            if shards.reduce_n is None:  # n side whole on every rank: only the m side sums
-                gb = reduce_sum(gb, shards.reduce_m)
-            else:  # both sides split over the same ranks: one reduction serves both
-                both = reduce_sum(torch.cat([gb, ga]), shards.reduce_m)
-                gb, ga = both[: len(bucket)], both[len(bucket):]
-            eye = torch.eye(r, dtype=torch.float64, device=gb.device)
-            orth_u = max(orth_u, float((gb[:, r:, r:] - eye).norm(dim=(-2, -1)).max()))
-            orth_v = max(orth_v, float((ga[:, :r, :r] - eye).norm(dim=(-2, -1)).max()))
-            trace = torch.diagonal(gb[:, :r, :r], dim1=-2, dim2=-1).sum(-1)
-            z_norm = max(z_norm, float(trace.clamp_min(0).sqrt().max()))
-            trace_k = torch.diagonal(ga[:, r:, r:], dim1=-2, dim2=-1).sum(-1)
-            x_norms += trace_k.clamp_min(0).sqrt().tolist()
+            states = [self.named_state[ad.name] for ad in bucket]
+            u, v, z, xs = bk.bucket_health(bucket, states, shards)
+            orth_u, orth_v, z_norm = max(orth_u, u), max(orth_v, v), max(z_norm, z)
+            x_norms += xs
         return {
             "orth_err_U": orth_u,
             "orth_err_V": orth_v,
             "max_norm_Z": z_norm,
             "mean_norm_X": sum(x_norms) / len(x_norms),
         }
-
-
-def _check_state_rows(bucket: list[Adapter], states: list[dict], rows_m: int, rows_n: int
-                      ) -> None:
-    """After a load: the per-adapter tangent states (``*_U`` over this rank's m-side rows, ``*_K``
-    over its n-side rows) must have the rows this rank steps now, else the checkpoint was written
-    for another layout and stepping would fail deep inside the geometry (or mix rows)."""
-    for ad, st in zip(bucket, states):
-        for key, value in st.items():
-            want = rows_m if key.endswith("_U") else rows_n if key.endswith("_K") else None
-            if (want is not None and isinstance(value, Tensor) and value.dim() >= 2
-                    and value.shape[-2] != want):  # (scalar second moments have no rows)
-                raise ValueError(
-                    f"optimizer state {key!r} of adapter {ad.name} holds {value.shape[-2]} rows, "
-                    f"but this rank steps {want}: the checkpoint was written for another layout "
-                    f"(another world size or engine, or before ZeRO's n-side all-to-all exchange, "
-                    f"which changed the rows a rank keeps); resume with the world size and "
-                    f"version that wrote it, or start the run again in a new output_dir")
 
 
 def keep_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict) -> None:

@@ -1,4 +1,5 @@
-"""Baseline optimizers for LoRA, built exactly as their authors' libraries ship them.
+"""Baseline optimizers for LoRA, built exactly as their authors' libraries ship them (their names
+are rows of :mod:`riemann_zero.optim.registry`, the only table of optimizer names).
 
 - ``adamw``: ``torch.optim.AdamW`` on every trainable parameter (PEFT's default LoRA init:
   Kaiming-uniform A, zero B). Riemannion paper, Table 4: lr 2e-4, weight decay 0.01.
@@ -20,10 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["CombinedOptimizer", "build_baseline_optimizer", "BASELINES", "adamw_lora",
-           "muon_lora", "rprec_adamw"]
-
-BASELINES = ("adamw", "muon", "rprec_adamw")
+__all__ = ["CombinedOptimizer", "adamw_lora", "muon_lora", "rprec_adamw"]
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -131,18 +129,3 @@ def rprec_adamw(model: nn.Module, *, lr: float, weight_decay: float = 0.0,
     _trainable(model)
     return create_riemannian_optimizer(model, torch.optim.AdamW, reg=reg, lr=lr,
                                        weight_decay=weight_decay, betas=tuple(betas), eps=eps)
-
-
-_BUILDERS = {"adamw": adamw_lora, "muon": muon_lora, "rprec_adamw": rprec_adamw}
-
-
-def build_baseline_optimizer(name: str, model: nn.Module, **kwargs: Any) -> torch.optim.Optimizer:
-    """Build one of ``BASELINES`` for a PEFT LoRA model (keywords as the builder's: ``lr``,
-    ``weight_decay``, ``betas``, ``eps``; ``momentum`` for Muon, ``reg`` for rprec_adamw).
-
-    Returns:
-        A ``torch.optim.Optimizer`` whose ``param_groups[i]["lr"]`` a scheduler may drive.
-    """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown baseline optimizer {name!r}; valid: {list(BASELINES)}")
-    return _BUILDERS[name](model, **kwargs)

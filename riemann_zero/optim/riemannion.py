@@ -11,14 +11,12 @@ import math
 from torch import Tensor, nn
 
 from riemann_zero.adapters.layout import Adapter
+from riemann_zero.linalg import polar_factor
 from riemann_zero.manifold import fixed_rank as geo
 from riemann_zero.manifold import span
-from riemann_zero.optim.base import ManifoldOptimizer, adamw_group, check_common
+from riemann_zero.optim.base import RMS_MATCH, ManifoldOptimizer, adamw_group, fixed_rank_groups
 
 __all__ = ["Riemannion"]
-
-# Moonlight's RMS-matching factor (arXiv 2502.16982 §2.2): update RMS ≈ AdamW's ≈ 0.2.
-RMS_MATCH = 0.2
 
 
 class Riemannion(ManifoldOptimizer):
@@ -59,23 +57,12 @@ class Riemannion(ManifoldOptimizer):
                  adamw_lr: float | None = None, adamw_betas: tuple[float, float] = (0.9, 0.999),
                  adamw_eps: float = 1e-8, adamw_weight_decay: float = 0.0,
                  params: list[nn.Parameter] | None = None) -> None:
-        check_common(lr, weight_decay, momentum)
-        if ortho not in ("svd", "newton_schulz"):
-            raise ValueError(f"ortho must be 'svd' or 'newton_schulz', but got {ortho!r}")
-        if momentum_buffer not in ("raw", "paper"):
-            raise ValueError(
-                f"momentum_buffer must be 'raw' or 'paper', but got {momentum_buffer!r}")
-        if lr_scale not in (None, "rms"):
-            raise ValueError(f"lr_scale must be None or 'rms', but got {lr_scale!r}")
-        if ns_steps < 1:
-            raise ValueError(f"ns_steps must be >= 1, but got {ns_steps}")
-        if not 0.0 <= ortho_eps < 1.0:
-            raise ValueError(f"ortho_eps must be in [0, 1), but got {ortho_eps}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ortho=ortho,
                         ns_steps=ns_steps, ortho_eps=ortho_eps, momentum_buffer=momentum_buffer,
                         lr_scale=lr_scale)
         adamw = adamw_group(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay)
-        super().__init__(model, defaults, adamw, params)
+        groups, adapters = fixed_rank_groups(model, defaults, adamw, params)
+        super().__init__(groups, defaults, adapters=adapters)
 
     def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
                 states: list[dict], shards) -> geo.Point:
@@ -90,8 +77,9 @@ class Riemannion(ManifoldOptimizer):
         m_u = g_u if prev is None else beta * prev.dU + g_u  # factor() projects out the U-part
         m_k = g_k if prev is None else beta * prev.dK + g_k
         sp, c_m, c_x = span.factor(x, m_u, m_k, rm, rn)
-        c_d = span.tangent_part(span.polar(c_m, group["ortho_eps"], group["ortho"],
-                                           group["ns_steps"]))
+        # polar(L C Rᵀ) = L polar(C) Rᵀ: the polar factor of the 2r×2r coordinates suffices
+        c_d = span.tangent_part(polar_factor(c_m, group["ortho"], group["ns_steps"],
+                                             group["ortho_eps"]))
         decay = 1.0 - lr * group["weight_decay"]
         new, w1, z1 = span.truncate(sp, decay * c_x - lr_step * c_d, x.U.shape[-1])
         keep = c_m if group["momentum_buffer"] == "raw" else c_d

@@ -9,7 +9,7 @@ from riemann_zero.adapters.layout import Adapter
 from riemann_zero.linalg import reduce_sum
 from riemann_zero.manifold import fixed_rank as geo
 from riemann_zero.manifold import span
-from riemann_zero.optim.base import ManifoldOptimizer, adamw_group, check_common
+from riemann_zero.optim.base import ManifoldOptimizer, adamw_group, fixed_rank_groups
 
 __all__ = ["RiemannSGD", "RiemannAdam"]
 
@@ -24,10 +24,11 @@ class RiemannSGD(ManifoldOptimizer):
                  weight_decay: float = 0.0, *, adamw_lr: float | None = None,
                  adamw_betas: tuple[float, float] = (0.9, 0.999), adamw_eps: float = 1e-8,
                  adamw_weight_decay: float = 0.0, params: list[nn.Parameter] | None = None) -> None:
-        check_common(lr, weight_decay, momentum)
-        super().__init__(model, dict(lr=lr, momentum=momentum, weight_decay=weight_decay),
-                         adamw_group(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
-                         params)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+        groups, adapters = fixed_rank_groups(
+            model, defaults, adamw_group(lr, adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay),
+            params)
+        super().__init__(groups, defaults, adapters=adapters)
 
     def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
                 states: list[dict], shards) -> geo.Point:
@@ -59,13 +60,10 @@ class RiemannAdam(ManifoldOptimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, adamw_lr: float | None = None,
                  adamw_weight_decay: float = 0.0, params: list[nn.Parameter] | None = None) -> None:
-        check_common(lr, weight_decay)
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be in [0, 1), but got {betas}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0, but got {eps}")
-        super().__init__(model, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay),
-                         adamw_group(lr, adamw_lr, betas, eps, adamw_weight_decay), params)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        groups, adapters = fixed_rank_groups(
+            model, defaults, adamw_group(lr, adamw_lr, betas, eps, adamw_weight_decay), params)
+        super().__init__(groups, defaults, adapters=adapters)
 
     def _update(self, group: dict, bucket: list[Adapter], x: geo.Point, g_u: Tensor, g_k: Tensor,
                 states: list[dict], shards) -> geo.Point:

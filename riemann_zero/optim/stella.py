@@ -25,7 +25,7 @@ llama3_8b_stella.sh`` (recipe: r 32, α 64, lr 5e-4, wd 0, polar, AdamW, init "r
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
 from torch import Tensor, nn
@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from riemann_zero.adapters.inits import FACTORS_ATTR, s_vt
 from riemann_zero.adapters.layout import Adapter, lora_adapters
 from riemann_zero.manifold import stiefel
-from riemann_zero.optim.adamw import adamw_direction, adamw_group_step_, closure_loss
-from riemann_zero.optim.base import keep_state_dtypes
+from riemann_zero.optim.adamw import adamw_direction
+from riemann_zero.optim.base import ManifoldOptimizer
 
 __all__ = ["StelLA"]
 
@@ -50,7 +50,7 @@ def _adam(state: list[dict], key: str, grad: Tensor, steps: Tensor, beta1: float
     return d
 
 
-class StelLA(torch.optim.Optimizer):
+class StelLA(ManifoldOptimizer):
     r"""StelLA: AdamW made Riemannian on U, V ∈ Stiefel (arXiv 2510.01938), LoRA as s·U S Vᵀ.
 
     One step, batched over adapters of the same shape (model.py:473-540), X ∈ {U, V} in its
@@ -68,7 +68,8 @@ class StelLA(torch.optim.Optimizer):
         S     ← (1 − lr·λ) S − lr · d_S                       # plain AdamW on S
 
     then ``lora_B = U`` and ``lora_A = S Vᵀ``. Other trainable parameters get plain AdamW with
-    the same hyper-parameters (the reference runs one HF AdamW over everything).
+    the same hyper-parameters (the reference runs one HF AdamW over everything). The state of an
+    adapter (``step``, U, S, V and their moments) is kept under its module name.
 
     Args:
         model: a PEFT LoRA model initialised with :func:`stella_init`.
@@ -84,14 +85,6 @@ class StelLA(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, lr: float = 5e-4,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, grad_scaling: bool | float = True) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, but got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), but got {betas}")
-        if not eps > 0.0:
-            raise ValueError(f"eps must be > 0, but got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, but got {weight_decay}")
         if grad_scaling is True:
             c = getattr(getattr(model, "config", None), "hidden_size", None)
             if c is None:
@@ -104,6 +97,9 @@ class StelLA(torch.optim.Optimizer):
             raise ValueError(f"grad_scaling must be True, False or a positive number, but got "
                              f"{grad_scaling!r}")
         self._slots = lora_adapters(model)
+        if len({sl.name for sl in self._slots}) != len(self._slots):
+            raise ValueError("StelLA keeps its state per module, but got a module with several "
+                             "active LoRA adapters: activate one (model.set_adapter(name))")
         adapter_params = []
         for sl in self._slots:
             for p in (sl.lora_B, sl.lora_A):
@@ -118,7 +114,7 @@ class StelLA(torch.optim.Optimizer):
         groups = [dict(params=adapter_params, kind="stella")]
         if others:
             groups.append(dict(params=others, kind="adamw"))
-        super().__init__(groups, defaults)
+        super().__init__(groups, defaults, names={sl.name: sl.lora_B for sl in self._slots})
         for sl in self._slots:
             self._init_state(sl)
 
@@ -138,41 +134,30 @@ class StelLA(torch.optim.Optimizer):
                 f"{sl.name}: lora_B/lora_A no longer equal the factors stella_init wrote, but got "
                 "changed weights: build StelLA right after stella_init and resume with "
                 "optimizer.load_state_dict (it rewrites lora_A/lora_B)")
-        self.state[b].update(step=0, U=u, exp_avg_U=torch.zeros_like(u),
-                             exp_avg_sq_U=torch.zeros_like(u))
-        self.state[a].update(S=s, V=v, exp_avg_S=torch.zeros_like(s),
-                             exp_avg_sq_S=torch.zeros_like(s), exp_avg_V=torch.zeros_like(v),
-                             exp_avg_sq_V=torch.zeros_like(v))
+        zeros = torch.zeros_like
+        self.named_state[sl.name].update(
+            step=0, U=u, exp_avg_U=zeros(u), exp_avg_sq_U=zeros(u), S=s, V=v,
+            exp_avg_S=zeros(s), exp_avg_sq_S=zeros(s), exp_avg_V=zeros(v), exp_avg_sq_V=zeros(v))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One StelLA step on the adapters and one AdamW step on the other parameters."""
-        loss = closure_loss(closure)
-        for group in self.param_groups:
-            if group["kind"] == "stella":
-                self._stella_step(group)
-            else:  # the trainable parameters that are not adapters
-                adamw_group_step_(group, self.state)
-        return loss
-
-    def _stella_step(self, group: dict) -> None:
+    def _step_group(self, group: dict, comm: Counter) -> bool:
+        """One StelLA step of the ``"stella"`` group's adapters, batched by shape."""
         buckets = defaultdict(list)
         for sl in self._slots:
             if sl.lora_B.grad is None or sl.lora_A.grad is None:  # unused (model.py:485-490)
                 continue
-            st = self.state[sl.lora_A]
+            st = self.named_state[sl.name]
             buckets[(sl.m, sl.n, sl.r, st["S"].dim(), st["S"].dtype, sl.lora_B.device)].append(sl)
         for bucket in buckets.values():
             self._bucket_step(group, bucket)
+        return True
 
     def _bucket_step(self, group: dict, bucket: list[Adapter]) -> None:
         lr, wd, c = group["lr"], group["weight_decay"], group["grad_scaling"]
         beta1, beta2 = group["betas"]
-        st_b = [self.state[sl.lora_B] for sl in bucket]
-        st_a = [self.state[sl.lora_A] for sl in bucket]
-        u = torch.stack([st["U"] for st in st_b])
-        s = torch.stack([st["S"] for st in st_a])
-        v = torch.stack([st["V"] for st in st_a])
+        states = [self.named_state[sl.name] for sl in bucket]
+        u = torch.stack([st["U"] for st in states])
+        s = torch.stack([st["S"] for st in states])
+        v = torch.stack([st["V"] for st in states])
         diag = s.dim() == 2  # stacked vectors
         g_b = torch.stack([sl.lora_B.grad for sl in bucket]).to(u.dtype)  # s·G V Sᵀ
         g_a = torch.stack([sl.lora_A.grad for sl in bucket]).to(u.dtype)  # s·Uᵀ G
@@ -182,43 +167,66 @@ class StelLA(torch.optim.Optimizer):
         else:
             g_s = g_a @ v
             g_v = g_a.mT @ s
-        for st in st_b:
+        for st in states:
             st["step"] += 1
-        steps = torch.tensor([st["step"] for st in st_b], dtype=torch.float64, device=u.device)
+        steps = torch.tensor([st["step"] for st in states], dtype=torch.float64, device=u.device)
         new = {}
-        for key, x, g, state in (("U", u, g_b, st_b), ("V", v, g_v, st_a)):
+        for key, x, g in (("U", u, g_b), ("V", v, g_v)):
             xi = stiefel.rgrad(x, g)  # canonical Riemannian gradient
-            delta = -lr * _adam(state, key, xi, steps, beta1, beta2, group["eps"])
+            delta = -lr * _adam(states, key, xi, steps, beta1, beta2, group["eps"])
             rows = x.shape[-2]
             if c and rows != c:  # model.py:524-529: divide by √(rows / c)
                 delta = delta / math.sqrt(rows / c)
             new[key] = stiefel.retract(x, stiefel.project(x, delta))
-        d_s = _adam(st_a, "S", g_s, steps, beta1, beta2, group["eps"])
+        d_s = _adam(states, "S", g_s, steps, beta1, beta2, group["eps"])
         new["S"] = s * (1.0 - lr * wd) - lr * d_s
         a_new = s_vt(new["S"], new["V"], diag)
         for i, sl in enumerate(bucket):
-            st_b[i]["U"], st_a[i]["S"], st_a[i]["V"] = new["U"][i], new["S"][i], new["V"][i]
+            states[i]["U"], states[i]["S"], states[i]["V"] = new["U"][i], new["S"][i], new["V"][i]
             sl.lora_B.copy_(new["U"][i])
             sl.lora_A.copy_(a_new[i])
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's load, but fp32 masters keep their dtype, and lora_B/lora_A are rewritten."""
-        super().load_state_dict(state_dict)
-        keep_state_dtypes(self, state_dict)
+        """The base's load (fp32 masters keep their dtype), which rewrites lora_B/lora_A; also
+        reads state dicts written before StelLA kept its state per module name."""
+        super().load_state_dict(_named_from_params(state_dict, self._slots))
+
+    def load_named_state_dict(self, named_state: dict[str, dict]) -> None:
+        """The base's load, then lora_B = U and lora_A = S Vᵀ from the loaded masters."""
+        missing = [sl.name for sl in self._slots if sl.name not in named_state]
+        if missing:
+            raise ValueError(f"StelLA state lacks the adapters {missing[:3]}, but got a state "
+                             f"dict without them: load one saved by StelLA on the same model")
+        super().load_named_state_dict(named_state)
         with torch.no_grad():
             for sl in self._slots:
-                st_a = self.state[sl.lora_A]
-                sl.lora_B.copy_(self.state[sl.lora_B]["U"])
-                sl.lora_A.copy_(s_vt(st_a["S"], st_a["V"], st_a["S"].dim() == 1))
+                st = self.named_state[sl.name]
+                sl.lora_B.copy_(st["U"])
+                sl.lora_A.copy_(s_vt(st["S"], st["V"], st["S"].dim() == 1))
 
     @torch.no_grad()
     def manifold_health(self) -> dict[str, float]:
         """max ‖UᵀU − I‖_F and max ‖VᵀV − I‖_F over the fp32/fp64 masters."""
         out = {"orth_err_U": 0.0, "orth_err_V": 0.0}
         for sl in self._slots:
-            for key, st in (("U", self.state[sl.lora_B]), ("V", self.state[sl.lora_A])):
-                x = st[key].double()
+            for key in ("U", "V"):
+                x = self.named_state[sl.name][key].double()
                 eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
                 out["orth_err_" + key] = max(out["orth_err_" + key],
                                              float((x.mT @ x - eye).norm()))
         return out
+
+
+def _named_from_params(state_dict: dict, slots: list[Adapter]) -> dict:
+    """A StelLA state dict of the earlier layout (U and its moments in torch.optim's state of
+    lora_B, S, V and theirs in that of lora_A, the adapters' parameters first in module order)
+    in the present one (per module name); others pass unchanged."""
+    if "named_state" in state_dict:
+        return state_dict
+    state = dict(state_dict.get("state", {}))
+    if not any("U" in st for st in state.values()):
+        return state_dict
+    named = {}
+    for i, sl in enumerate(slots):
+        named[sl.name] = {**state.pop(2 * i, {}), **state.pop(2 * i + 1, {})}
+    return {**state_dict, "state": state, "named_state": named}

@@ -9,7 +9,6 @@ ZeRO-1/2/3 flat partitions) are read through :mod:`riemann_zero.sharding.pieces`
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -17,47 +16,21 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from riemann_zero.linalg import polar_factor
 from riemann_zero.manifold import tensor as geo
-from riemann_zero.optim.adamw import adamw_group_step_, closure_loss
-from riemann_zero.optim.base import keep_state_dtypes
+from riemann_zero.optim.base import RMS_MATCH, ManifoldOptimizer, check_hyper
 from riemann_zero.sharding import pieces as sh
 from riemann_zero.sharding.comm import CountingBroadcast, CountingReduce
 from riemann_zero.sharding.params import layout_of
 
-__all__ = ["Tensorion", "RMS_MATCH", "tensorion_model", "options_error"]
+__all__ = ["Tensorion", "tensorion_model", "options_error"]
 
-_log = logging.getLogger(__name__)
-
-# Moonlight's RMS-matching factor (arXiv 2502.16982 §2.2), as the third-party Tensorion port and
-# torch.optim.Muon's adjust_lr_fn="match_rms_adamw" use it: s = 0.2·√max(rows, cols).
-RMS_MATCH = 0.2
 # Group keys a user may override per param group (beside params and logical_shape).
 _GROUP_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "unfolding", "ortho", "ns_steps",
                "lr_scale", "reselect_every", "per_slice")
 
 
-def _check(hp: dict, where: str) -> None:
-    if not hp["lr"] >= 0.0:
-        raise ValueError(f"{where}lr must be >= 0, but got {hp['lr']}")
-    if not hp["weight_decay"] >= 0.0:
-        raise ValueError(f"{where}weight_decay must be >= 0, but got {hp['weight_decay']}")
-    if not 0.0 <= hp["momentum"] < 1.0:
-        raise ValueError(f"{where}momentum must be in [0, 1), but got {hp['momentum']}")
-    if hp["unfolding"] not in geo.UNFOLDINGS:
-        raise ValueError(f"{where}unfolding must be one of {geo.UNFOLDINGS}, but got "
-                         f"{hp['unfolding']!r}")
-    if hp["ortho"] not in geo.ORTHO:
-        raise ValueError(f"{where}ortho must be one of {geo.ORTHO}, but got {hp['ortho']!r}")
-    if hp["lr_scale"] not in (None, "rms"):
-        raise ValueError(f"{where}lr_scale must be None or 'rms', but got {hp['lr_scale']!r}")
-    if not (isinstance(hp["ns_steps"], int) and hp["ns_steps"] >= 1):
-        raise ValueError(f"{where}ns_steps must be an int >= 1, but got {hp['ns_steps']!r}")
-    if not (isinstance(hp["reselect_every"], int) and hp["reselect_every"] >= 1):
-        raise ValueError(f"{where}reselect_every must be an int >= 1, but got "
-                         f"{hp['reselect_every']!r}")
-
-
-class Tensorion(torch.optim.Optimizer):
+class Tensorion(ManifoldOptimizer):
     r"""Tensorion: the LMO of a tensor norm, the polar factor of one chosen unfolding.
 
     For each parameter of order ≥ 2 (viewed as its group's ``logical_shape`` if given)::
@@ -104,11 +77,7 @@ class Tensorion(torch.optim.Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         unfolding=unfolding, ortho=ortho, ns_steps=ns_steps, lr_scale=lr_scale,
                         reselect_every=reselect_every)
-        _check(defaults, "")
-        if adamw_lr is not None and not adamw_lr >= 0.0:
-            raise ValueError(f"adamw_lr must be >= 0 or None, but got {adamw_lr}")
-        if not adamw_weight_decay >= 0.0:
-            raise ValueError(f"adamw_weight_decay must be >= 0, but got {adamw_weight_decay}")
+        check_hyper(dict(defaults, adamw_lr=adamw_lr, adamw_weight_decay=adamw_weight_decay))
         params = list(params)
         if not params:
             raise ValueError("Tensorion got an empty parameter list")
@@ -123,7 +92,7 @@ class Tensorion(torch.optim.Optimizer):
             if unknown:
                 raise ValueError(f"param group {gi}: unknown keys {sorted(unknown)}; valid: "
                                  f"params, logical_shape, {', '.join(_GROUP_KEYS)}")
-            _check({**defaults, **user}, f"param group {gi}: ")
+            check_hyper({**defaults, **user}, f"param group {gi}: ")
             big, small = [], []
             for pi, p in enumerate(ps):
                 full = sh.stored_shape(p)
@@ -149,38 +118,10 @@ class Tensorion(torch.optim.Optimizer):
                                      "lr": group_lr if adamw_lr is None else adamw_lr,
                                      "betas": tuple(adamw_betas), "eps": adamw_eps,
                                      "weight_decay": adamw_weight_decay})
-        super().__init__(tensor_groups + adamw_groups, defaults)
-        self.tensor_state: dict[str, dict] = defaultdict(dict)
-        self.last_step_comm: dict[str, int] = {}
-        self.comm_total: Counter[str] = Counter()
-        self._comm_step = -1
+        super().__init__(tensor_groups + adamw_groups, defaults,
+                         names={name: p for name, (p, _) in self._tensors.items()})
 
     # ----------------------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One Tensorion step of every tensor (and one AdamW step of the order < 2 parameters)."""
-        loss = closure_loss(closure)
-        comm: Counter[str] = Counter()
-        stepped = False
-        for group in self.param_groups:
-            if group.get("kind") == "adamw":
-                adamw_group_step_(group, self.state)
-            elif group["params"]:  # ZeRO-3 steps one sub-group at a time: empty = not ours now
-                stepped |= self._step_group(group, comm)
-        if stepped:
-            # DeepSpeed calls step() once per param group (ZeRO-1/2) or sub-group (ZeRO-3):
-            # calls that advance no step counter belong to the same optimizer step.
-            count = max(st.get("step", 0) for st in self.tensor_state.values())
-            if count != self._comm_step:
-                self.last_step_comm, self._comm_step = {}, count
-            merged = Counter(self.last_step_comm)
-            merged.update(comm)
-            self.last_step_comm = dict(merged)
-            self.comm_total.update(comm)
-            if comm and _log.isEnabledFor(logging.DEBUG):
-                _log.debug("tensorion step communication (bytes): %s", self.last_step_comm)
-        return loss
-
     def _entries(self, group: dict) -> tuple[list[tuple[str, Tensor, tuple]], Tensor | None]:
         """(name, parameter, logical shape) of the tensors stepped now, and the flat partition
         the engine handed over (ZeRO), if any."""
@@ -192,7 +133,7 @@ class Tensorion(torch.optim.Optimizer):
         return [e for e in entries if layout.in_partition(e[1], flat)], flat
 
     def _step_group(self, group: dict, comm: Counter) -> bool:
-        """One step of the group's tensors held now; False if there were none."""
+        """One step of a ``"tensorion"`` group's tensors held now; False if there were none."""
         entries, flat = self._entries(group)
         if not entries:
             return False
@@ -206,7 +147,7 @@ class Tensorion(torch.optim.Optimizer):
         for i, (name, p, shape) in enumerate(entries):
             piece = sh.piece_of(p, flat)
             pieces.append(piece)
-            st = self.tensor_state[name]
+            st = self.named_state[name]
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             device = p.device if piece.value is None else piece.value.device
             if piece.grad is None and world == 1:
@@ -234,7 +175,7 @@ class Tensorion(torch.optim.Optimizer):
         directions = self._directions(group, entries, owned)
         for i in stepped:
             name, _, shape = entries[i]
-            st, piece = self.tensor_state[name], pieces[i]
+            st, piece = self.named_state[name], pieces[i]
             numel = math.prod(shape)
             owner = i % world
             if world > 1:
@@ -276,14 +217,14 @@ class Tensorion(torch.optim.Optimizer):
             stack = torch.stack([owned[i].reshape(shape) for i in idx])
             if group.get("per_slice") and len(shape) >= 3:  # baseline: Muon on each slice
                 mats = stack.reshape(len(idx) * shape[0], shape[1], -1)
-                d = geo.polar_matrix(mats, group["ortho"], group["ns_steps"]).reshape(stack.shape)
+                d = polar_factor(mats, group["ortho"], group["ns_steps"]).reshape(stack.shape)
                 for k, i in enumerate(idx):
                     out[i] = torch.cat([d[k].reshape(-1), d.new_tensor([-1.0])])
                 continue
             if group["unfolding"] == "offline":
                 taus = [geo.offline_unfolding(shape)] * len(idx)
             else:
-                states = [self.tensor_state[entries[i][0]] for i in idx]
+                states = [self.named_state[entries[i][0]] for i in idx]
                 due = [("unfolding" not in st or (st["step"] - 1) % group["reselect_every"] == 0)
                        for st in states]
                 fresh = iter(geo.online_unfolding(stack[[k for k, d in enumerate(due) if d]])
@@ -293,40 +234,6 @@ class Tensorion(torch.optim.Optimizer):
             for k, i in enumerate(idx):
                 out[i] = torch.cat([d[k].reshape(-1), d.new_tensor([float(taus[k])])])
         return out
-
-    # ------------------------------------------------------------------------ state_dict
-    def tensor_state_dict(self) -> dict[str, dict]:
-        """The per-tensor state alone (momentum of this rank's piece, step, chosen unfolding),
-        keyed by tensor name: it survives ZeRO's substitution of param groups by partitions."""
-        return {name: {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
-                for name, st in self.tensor_state.items()}
-
-    def load_tensor_state_dict(self, tensor_state: dict[str, dict]) -> None:
-        """Inverse of :meth:`tensor_state_dict`."""
-        unknown = set(tensor_state) - set(self._tensors)
-        if unknown:
-            raise ValueError(f"optimizer state names tensors this optimizer lacks: "
-                             f"{sorted(unknown)[:5]}; was it built from the same parameters?")
-        self.tensor_state = defaultdict(dict)
-        for name, st in tensor_state.items():
-            p = self._tensors[name][0]
-            device = p.device if p.device.type != "meta" else "cpu"
-            self.tensor_state[name] = {
-                k: (v.to(device=device, copy=True) if isinstance(v, Tensor) else v)
-                for k, v in st.items()}
-
-    def state_dict(self) -> dict:
-        """torch.optim's state (the AdamW moments) plus ``tensor_state``."""
-        sd = super().state_dict()
-        sd["tensor_state"] = self.tensor_state_dict()
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        tensor_state = state_dict.pop("tensor_state", {})
-        super().load_state_dict(state_dict)
-        keep_state_dtypes(self, state_dict)
-        self.load_tensor_state_dict(tensor_state)
 
 
 def tensorion_model(model: torch.nn.Module, lr: float = 1e-3, momentum: float = 0.95,
@@ -361,7 +268,7 @@ def options_error(options: dict) -> str | None:
               ortho="newton_schulz", ns_steps=5, lr_scale="rms", reselect_every=1)
     hp.update({k: v for k, v in options.items() if k in hp})
     try:
-        _check(hp, "optimizer.options.")
+        check_hyper(hp, "optimizer.options.")
     except ValueError as err:
         return str(err)
     return None

@@ -72,7 +72,7 @@ def reference(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)
     return {"params": {n: p.detach().double().clone() for n, p in model.named_parameters()
                        if p.requires_grad},
-            "unfoldings": {k: st["unfolding"] for k, st in opt.tensor_state.items()}}
+            "unfoldings": {k: st["unfolding"] for k, st in opt.named_state.items()}}
 
 
 def _ds_config(stage: int, gas: int) -> dict:
@@ -146,8 +146,8 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
             opt.zero_grad(set_to_none=True)
         comm.append(dict(inner.last_step_comm))
     result = {"params": _gather(target, names, engine), "comm": comm,
-              "unfoldings": {k: st.get("unfolding") for k, st in inner.tensor_state.items()},
-              "holds": sorted(k for k, st in inner.tensor_state.items()
+              "unfoldings": {k: st.get("unfolding") for k, st in inner.named_state.items()},
+              "holds": sorted(k for k, st in inner.named_state.items()
                               if st["momentum"].numel() > 0)}
     results = [None] * world
     dist.all_gather_object(results, {"unfoldings": result["unfoldings"]})

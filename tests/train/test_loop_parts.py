@@ -82,10 +82,10 @@ def _tiny_peft(seed=0):
 
 @pytest.mark.parametrize("name", ["adamw", "muon", "rprec_adamw"])
 def test_baselines_step_and_round_trip(name):
-    from riemann_zero.optim.baselines import build_baseline_optimizer
+    from riemann_zero.optim import registry
 
     model = _tiny_peft()
-    opt = build_baseline_optimizer(name, model, lr=1e-2, weight_decay=0.01)
+    opt = registry.spec(name).build(model, lr=1e-2, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5)
     assert all(g["lr"] == pytest.approx(5e-3) for g in opt.param_groups)
     ids = torch.randint(0, 64, (2, 8))
@@ -100,7 +100,7 @@ def test_baselines_step_and_round_trip(name):
     state = copy.deepcopy(opt.state_dict())  # load_state_dict may share tensors
     twin = _tiny_peft()
     twin.load_state_dict(model.state_dict())
-    opt2 = build_baseline_optimizer(name, twin, lr=1e-2, weight_decay=0.01)
+    opt2 = registry.spec(name).build(twin, lr=1e-2, weight_decay=0.01)
     opt2.load_state_dict(state)
     for m, o in ((model, opt), (twin, opt2)):
         o.zero_grad()
@@ -111,19 +111,20 @@ def test_baselines_step_and_round_trip(name):
 
 
 def test_rprec_is_peft_riemannian_optimizer():
-    from riemann_zero.optim.baselines import build_baseline_optimizer
+    from riemann_zero.optim import registry
 
-    opt = build_baseline_optimizer("rprec_adamw", _tiny_peft(), lr=1e-3)
+    opt = registry.spec("rprec_adamw").build(_tiny_peft(), lr=1e-3)
     assert type(opt).__name__ == "RiemannianPreconditionedOptimizer"
     assert isinstance(opt, torch.optim.AdamW)
 
 
 def test_muon_takes_only_lora_matrices():
-    from riemann_zero.optim.baselines import CombinedOptimizer, build_baseline_optimizer
+    from riemann_zero.optim import registry
+    from riemann_zero.optim.baselines import CombinedOptimizer
 
     model = _tiny_peft()
     model.base_model.model.model.norm.weight.requires_grad_(True)  # a 1-D trainable extra
-    opt = build_baseline_optimizer("muon", model, lr=1e-3)
+    opt = registry.spec("muon").build(model, lr=1e-3)
     assert isinstance(opt, CombinedOptimizer)
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)

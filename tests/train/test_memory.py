@@ -67,7 +67,7 @@ def test_parts_add_up_and_base_follows_partitioning(tmp_path, no_weights, llama3
 
 def _state_values(opt) -> int:
     """Optimizer-state values (tensors of more than one element) wherever the class keeps them."""
-    stores = [opt.state, getattr(opt, "adapter_state", {}), getattr(opt, "tensor_state", {})]
+    stores = [opt.state, getattr(opt, "named_state", {})]
     return sum(v.numel() for store in stores for st in store.values() for v in st.values()
                if torch.is_tensor(v) and v.numel() > 1)
 
