@@ -57,9 +57,10 @@ from riemann_zero.hf.state import (
     shard_fsdp2,
 )
 from riemann_zero.optim import registry
-from riemann_zero.optim.base import manifold_health
+from riemann_zero.optim.metrics import step_metrics
 from riemann_zero.sharding.comm import sketch_reduce
 from riemann_zero.sharding.params import full_tensor, gathered
+from riemann_zero.train.engines.deepspeed import DeepSpeedEngine
 
 __all__ = ["Trainer", "SFTTrainer", "STATE_NAME", "RZ_INITS"]  # noqa: F822 (SFTTrainer: __getattr__)
 
@@ -124,11 +125,10 @@ def check_options(rz_optimizer: str, rz_optimizer_kwargs: dict | None, rz_init: 
         raise ValueError(f"rz_init_kwargs: unknown keys {sorted(unknown)}; valid: "
                          f"{', '.join(_LOI_KEYS)}")
     if ds_config:
-        stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
         enabled = (ds_config.get("bf16") or {}).get("enabled", False)
         bf16 = enabled is True or (enabled == "auto" and args_bf16)
-        problem = registry.engine_error(rz_optimizer, where=f"ZeRO-{stage}", whole=stage == 0,
-                                        copies_back=bf16 and stage == 0, bf16=bf16)
+        # The driver's DeepSpeed engine describes where the optimizer would run.
+        problem = DeepSpeedEngine.optimizer_error(rz_optimizer, ds_config, bf16=bf16)
         if problem:
             raise ValueError(problem)
 
@@ -147,7 +147,8 @@ class _Riemann:
         bound = inspect.signature(parent).bind_partial(*args, **kwargs).arguments
         targs = bound.get("args")
         check_options(rz_optimizer, rz_optimizer_kwargs, rz_init, rz_init_kwargs,
-                      bound.get("optimizers"), _ds_config(getattr(targs, "deepspeed", None)),
+                      bound.get("optimizers"),
+                      _ds_config(getattr(targs, "deepspeed", None)),  # an attribute, not a switch
                       args_bf16=bool(getattr(targs, "bf16", False)))
         if targs is not None:
             complete_deepspeed_state(targs)  # CPU processes: the world DeepSpeed set up
@@ -236,8 +237,7 @@ class _Riemann:
         opt = self.rz_client_optimizer
         if opt is not None and "loss" in logs:  # training logs: the same steps on every rank
             logs = dict(logs)
-            logs.update({f"manifold/{k}": float(v) for k, v in manifold_health(opt).items()})
-            logs.update({f"comm/{k}": int(v) for k, v in opt.last_step_comm.items()})
+            logs.update(step_metrics(opt))
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ saving / resuming
@@ -309,7 +309,7 @@ class _Riemann:
     # Under FSDP the parent saves the optimizer through torch.distributed.checkpoint, which keeps
     # only torch.optim's state/param_groups (dropping the per-adapter momentum) and, finding that
     # state empty, runs a zero-lr step() that decays the momentum: the manifold optimizer's own
-    # state_dict (this rank's rows) is saved per rank instead, as in train/engines.py.
+    # state_dict (this rank's rows) is saved per rank instead, as in train/engines/fsdp2.py.
     def _rz_optimizer_file(self, checkpoint: str) -> Path:
         return Path(checkpoint) / f"rz_optimizer_rank{self.args.process_index}.pt"
 

@@ -15,7 +15,8 @@ from riemann_zero.adapters.layout import find_adapters, get_peft_model, init_poi
 from riemann_zero.adapters.loi import loi_init
 from riemann_zero.optim import registry
 from riemann_zero.sharding.params import assign
-from riemann_zero.train.loading import create_base, materialize, model_dtype
+from riemann_zero.train.engines import Engine
+from riemann_zero.train.engines.loading import load_kind, materialize, model_dtype
 from riemann_zero.train.preflight import Plan
 from riemann_zero.train.recipe import Recipe, orthogonal_config
 
@@ -49,27 +50,28 @@ def batch_order(n: int, *, seed: int, epoch: int, rank: int, world: int, micro: 
     return [mine[i:i + micro] for i in range(0, len(mine) - micro + 1, micro)]
 
 
-def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any = "cpu",
-                reduce: Any = None, world: int = 1, mode: str = "whole"
+def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], engine: Engine,
+                device: Any = "cpu", reduce: Any = None, world: int = 1
                 ) -> tuple[Any, Callable[[], None] | None]:
-    """Base model + LoRA (+ LOI) on ``device``.
+    """Base model + LoRA (+ LOI) on ``device``, created as ``plan.load_mode`` says.
 
     Args:
         recipe, plan: the run.
         calibration: this rank's LOI calibration batches, already on ``device``.
+        engine: the run's engine (not started yet; full fine-tuning asks it what it needs).
         device: where the model lives.
         reduce: in-place sum over ranks of LOI's sketches and LoRA-GA's gradients (None for one
             process), so that every rank ends with the same initial point.
         world: number of ranks summed by ``reduce``.
-        mode: how the base is created (``Plan.load_mode``, decided by
-            :func:`~riemann_zero.train.preflight.load_mode`).
     Returns:
         the model and, for partitioned loading, what is left to do once the engine has laid it
-        out (``"fsdp2"``: storage, weights and the adapters' start; both: LOI), else None.
+        out (weights read after sharding: storage, weights and the adapters' start; any
+        partitioned load: LOI), else None.
     """
     from peft import LoraConfig
 
-    base, prefixes = create_base(plan, mode, model_dtype(recipe), device)
+    load = load_kind(plan.load_mode)
+    base, prefixes = load.create(plan.model_path, plan.deepspeed, model_dtype(recipe), device)
     if recipe.model.gradient_checkpointing:
         base.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False})
@@ -77,12 +79,7 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
     if plan.trainable:  # full fine-tuning of the parameters preflight matched; no LoRA
         for name, p in base.named_parameters():
             p.requires_grad_(name in plan.trainable)
-        zero = recipe.deepspeed.get("zero_optimization", {}) or {}
-        if recipe.engine == "deepspeed" and int(zero.get("stage", 0)) == 3:
-            # ZeRO-3 re-gathers parameters for backward from hooks on module inputs that require
-            # grad; with everything upstream of the first trained tensor frozen there are none,
-            # and backward meets released (empty) weights. Make the embedding output require it.
-            base.enable_input_require_grads()
+        engine.prepare_full_finetune(base)  # e.g. ZeRO-3's gather hooks need grad-requiring inputs
         return base, None
     if recipe.adapter.type != "lora":  # PEFT's OFT/BOFT, trained by the AdamW row
         import peft
@@ -99,14 +96,14 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
         model = get_peft_model(base, config, init=start, seed=recipe.seed)
 
         def finish() -> None:
-            if mode == "fsdp2":
+            if load.after_sharding:
                 materialize(model, plan, prefixes, device)
                 init_points(find_adapters(model), start, seed=recipe.seed)
             if method == "loi":  # on the partitioned model: layer inputs and output grads only
                 loi_init(model, calibration, p=recipe.init.p, q=recipe.init.q,
                          alpha=recipe.init.alpha, seed=recipe.seed, reduce=reduce)
 
-        if mode == "whole":
+        if not load.partitioned:
             finish()
             return _portable_base_name(model, recipe), None
         return _portable_base_name(model, recipe), finish
@@ -120,7 +117,7 @@ def build_model(recipe: Recipe, plan: Plan, calibration: list[dict], device: Any
     if row.prepare is not None:  # e.g. StelLA's orthonormal U S Vᵀ
         row.prepare(model, seed=recipe.seed)
     model = _portable_base_name(model, recipe)
-    if mode != "fsdp2":
+    if not load.after_sharding:
         return model, None
 
     def finish_plain() -> None:

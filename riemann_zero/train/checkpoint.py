@@ -1,5 +1,8 @@
 """Atomic, verified, resumable training checkpoints.
 
+The engine-independent part; each engine writes and reads its own files
+(:meth:`~riemann_zero.train.engines.base.Engine.io`).
+
 Layout: ``OUTPUT_DIR/checkpoints/step-00000042/`` holds the engine's own files (trainable
 parameters, buffers, optimizer, LR scheduler; frozen base weights are rebuilt, not stored), one
 ``trainer_state_rank{R}.pt`` per rank (step, data-loader position, RNG states of Python, NumPy and
@@ -44,7 +47,6 @@ __all__ = [
     "resume_point",
     "save_checkpoint",
     "load_trainer_state",
-    "deepspeed_io",
 ]
 
 COMPLETE = "COMPLETE"
@@ -200,7 +202,7 @@ def save_checkpoint(
         root: the checkpoints directory.
         step: the optimizer step just completed.
         write_engine_state: writes model/optimizer/scheduler state into the directory it is given
-            (collective; e.g. :func:`deepspeed_io`'s writer).
+            (collective; the writer of the engine's ``io``).
         trainer_state: this rank's loop state (step, data position, ...); RNG states are added.
         rank: this process's global rank (rank 0 finalises).
         barrier: a collective barrier (identity for one process).
@@ -282,46 +284,3 @@ def load_trainer_state(path: str | Path, rank: int) -> dict[str, Any]:
         raise CheckpointError(f"{file} cannot be read ({type(err).__name__}: {err}); resume=auto "
                               f"verifies every file and falls back to the newest intact "
                               f"checkpoint") from err
-
-
-def _frozen_names(module: torch.nn.Module) -> set[str]:
-    """State-dict names of frozen parameters, tied aliases included (``lm_head.weight`` tied to
-    the embedding is not in ``named_parameters()``, so DeepSpeed's frozen filter keeps it)."""
-    return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-
-
-def deepspeed_io(engine: Any, *, exclude_frozen: bool) -> tuple[Callable[[Path], None],
-                                                               Callable[[Path], None]]:
-    """Writer and reader of a DeepSpeed engine's state (model incl. buffers, optimizer, scheduler).
-
-    Args:
-        engine: a ``deepspeed.DeepSpeedEngine``.
-        exclude_frozen: leave frozen base weights (tied aliases too) out of the files. Only
-            valid when the driver rebuilds them identically before loading (it re-runs the
-            deterministic initialisation, LOI's base-weight shift included); buffers are always
-            saved.
-    """
-    module_state_dict = engine.module_state_dict
-
-    def trainable_state_dict(*args, **kwargs):
-        state = module_state_dict(*args, **kwargs)
-        for name in _frozen_names(engine.module) if exclude_frozen else ():
-            state.pop(name, None)
-        return state
-
-    def write(directory: Path) -> None:
-        engine.module_state_dict = trainable_state_dict
-        try:
-            engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False,
-                                   exclude_frozen_parameters=exclude_frozen)
-        finally:
-            del engine.module_state_dict  # back to the class's method
-
-    def read(directory: Path) -> None:
-        load_path, _ = engine.load_checkpoint(
-            str(directory.parent), tag=directory.name, load_module_strict=not exclude_frozen,
-            load_optimizer_states=True, load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory}")
-
-    return write, read

@@ -84,6 +84,7 @@ MEANINGS: dict[str, str] = {
                     "limits (false: print it only)",
     "memory.device_gib": "per-rank GPU memory to plan for (null: this GPU's free memory)",
     "memory.host_gib": "host memory per node to plan for (null: MemAvailable of /proc/meminfo)",
+    # The recipe's `deepspeed:` section (a key of the schema, not an engine switch).
     "deepspeed": "the DeepSpeed config, verbatim (checked against DeepSpeed's schema)",
 }
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from riemann_zero.optim import registry
+from riemann_zero.train.engines import Engine, engine_for
 from riemann_zero.train.recipe import Recipe
 
 __all__ = ["MemoryEstimate", "estimate_memory", "memory_limits", "memory_error",
@@ -47,8 +48,6 @@ RUNTIME_CPU = int(0.6 * GIB)
 # usual figure for recent CUDA; not measured here), and the host side of the same process.
 RUNTIME_GPU = 1 * GIB
 RUNTIME_GPU_HOST = 2 * GIB
-# DeepSpeed's default ``reduce_bucket_size`` (elements) when the config leaves it out.
-_DS_REDUCE_BUCKET = 500_000_000
 
 
 @dataclass
@@ -153,7 +152,8 @@ def _layer_activations(cfg: Any) -> int:
 def estimate_memory(rc: Recipe, model_config: Any, *, world: int, local_ranks: int,
                     on_gpu: bool, shapes: dict[str, tuple[int, int]],
                     trainable: dict[str, tuple[int, ...]] | None = None,
-                    partitioned: bool | None = None) -> MemoryEstimate:
+                    partitioned: bool | None = None, engine: Engine | None = None
+                    ) -> MemoryEstimate:
     """Estimate the memory of one rank of this recipe.
 
     Args:
@@ -164,40 +164,30 @@ def estimate_memory(rc: Recipe, model_config: Any, *, world: int, local_ranks: i
         on_gpu: accelerator run (False: everything is host memory).
         shapes: the Linear layers' (out, in) shapes (preflight's ``linear_shapes``).
         trainable: full fine-tuning's matched parameters (``model.trainable``), else None.
-        partitioned: whether each rank holds ``1/world`` of the base; None: ZeRO-3 or FSDP2.
+        partitioned: whether each rank holds ``1/world`` of the base; None: as the engine
+            does (ZeRO-3, FSDP2).
+        engine: the recipe's engine (None: looked up from the recipe); it says what it keeps.
     """
-    zero = rc.deepspeed.get("zero_optimization", {}) or {}
-    stage = int(zero.get("stage", 0)) if rc.engine == "deepspeed" else None
-    fsdp = rc.engine == "fsdp2"
+    engine = engine or engine_for(rc)
+    facts = engine.memory_facts()
     if partitioned is None:
-        partitioned = fsdp or stage == 3
+        partitioned = facts.partitions_base
     bf16 = bool((rc.deepspeed.get("bf16", {}) or {}).get("enabled", False))
     w = {"auto": 2 if bf16 else 4, "float32": 4, "bfloat16": 2}[rc.model.dtype]
     counts = _meta_counts(model_config)
     n_train, lora_inputs = _trainable_count(rc, shapes, trainable or {})
     base_count = counts["total"] - (n_train if trainable else 0)
     part = world if partitioned else 1
-    sharded_state = fsdp or (stage or 0) >= 1
-    state_div = world if sharded_state else 1
+    state_div = world if facts.shards_state else 1
 
     device: dict[str, int] = {"runtime": RUNTIME_GPU if on_gpu else RUNTIME_CPU}
     device["base"] = base_count * w // part
     if partitioned:
-        unit = counts["layer"] if fsdp else max(counts["layer"], counts["embed"], counts["head"])
-        device["gathered"] = (2 * unit + (counts["root"] if fsdp else 0)) * w
+        device["gathered"] = engine.gathered_values(counts) * w
     device["adapters"] = n_train * w // part
-    if fsdp:
-        grads = n_train * w // world
-    elif stage in (2, 3):
-        bucket = int(zero.get("reduce_bucket_size", _DS_REDUCE_BUCKET))
-        grads = n_train * 4 // world + min(n_train, bucket) * w
-    elif stage == 1:
-        grads = n_train * w + n_train * 4 // world
-    else:
-        grads = n_train * w
-    device["gradients"] = grads
+    device["gradients"] = engine.gradient_bytes(n_train, w, world)
     state = registry.spec(rc.optimizer.name).state_per_value
-    master = 1 if (bf16 or w == 2 or (stage or 0) >= 1) else 0
+    master = 1 if (bf16 or w == 2 or facts.master_copy) else 0
     device["optimizer"] = int((state + master) * n_train * 4) // state_div
 
     b, s = rc.train.micro_batch_size, rc.data.max_length
@@ -211,20 +201,17 @@ def estimate_memory(rc: Recipe, model_config: Any, *, world: int, local_ranks: i
     device["activations"] = b * s * kept * w + b * s * vocab * (2 * w + 3 * 4)
 
     host: dict[str, int] = {}
-    offload_opt = str((zero.get("offload_optimizer") or {}).get("device", "none")) == "cpu"
-    offload_param = str((zero.get("offload_param") or {}).get("device", "none")) == "cpu"
     if on_gpu:
         host["runtime"] = RUNTIME_GPU_HOST
         host["loading"] = base_count * w // part  # from_pretrained reads into host memory first
-    if offload_opt:
+    if facts.offload_optimizer:
         host["offload"] = device.pop("optimizer")
-    if offload_param and partitioned:
+    if facts.offload_param and partitioned:
         host["offload"] = host.get("offload", 0) + device.pop("base")
     if not on_gpu:  # one memory: what was offloaded stays in it
         device.update({f"{k} (offload)": v for k, v in host.items()})
         host = {}
-    engine = "FSDP2" if fsdp else f"ZeRO-{stage}"
-    notes = [f"{engine}, base {'1/' + str(world) if partitioned else 'whole'} per rank",
+    notes = [f"{engine.where()}, base {'1/' + str(world) if partitioned else 'whole'} per rank",
              f"{'bf16' if w == 2 else 'fp32'} weights",
              f"micro-batch {b} x {s} tokens",
              f"gradient checkpointing {'on' if rc.model.gradient_checkpointing else 'off'}"]

@@ -2,12 +2,13 @@
 
 Data files (parsed: the file and line of a malformed record, empty files, a local file asked for
 an eval split it does not have) and dataset names, the batch layout against the world size, the
-``deepspeed:`` block against DeepSpeed's own config schema, the optimizer's engines, ZeRO stages,
-dtype and options (from :mod:`riemann_zero.optim.registry`), target modules and the rank against
-the model's layers (the model is built on the meta device from its ``config.json``), and whether
-``output_dir`` already holds a run (same recipe: resume from the newest checkpoint whose files
-verify; a run that stopped before its first checkpoint: replaced; another recipe: refuse), and
-whether the per-rank memory estimate (:mod:`~riemann_zero.train.memory`) fits the device and the
+engine's own checks (:meth:`~riemann_zero.train.engines.base.Engine.check`: DeepSpeed's config
+schema), the optimizer against the engine's self-description, dtype and options (from
+:mod:`riemann_zero.optim.registry`), target modules and the rank against the model's layers
+(the model is built on the meta device from its ``config.json``), and whether ``output_dir``
+already holds a run (same recipe: resume from the newest checkpoint whose files verify; a run
+that stopped before its first checkpoint: replaced; another recipe: refuse), and whether the
+per-rank memory estimate (:mod:`~riemann_zero.train.memory`) fits the device and the
 host. Each failure is one :class:`~riemann_zero.train.recipe.RecipeError` naming the key and the
 fix.
 """
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from riemann_zero import assets
-from riemann_zero.adapters.inits import PEFT_INITS
 from riemann_zero.adapters.layout import rank_error
 from riemann_zero.adapters.loi import loi_rank_error
 from riemann_zero.data.examples import DATASETS, HUB_DATASETS, has_eval_split, load_examples
@@ -35,6 +35,8 @@ from riemann_zero.train.checkpoint import (
     resume_point,
     verify_checkpoint,
 )
+from riemann_zero.train.engines import Engine, engine_for
+from riemann_zero.train.engines.loading import WHOLE
 from riemann_zero.train.memory import MemoryEstimate, estimate_memory, memory_error, memory_limits
 from riemann_zero.train.recipe import (
     RUN_NEUTRAL_KEYS,
@@ -66,7 +68,8 @@ class Plan:
     deepspeed: dict[str, Any] = field(default_factory=dict)  # the engine's complete config
     notes: list[str] = field(default_factory=list)  # what rank 0 tells the user before training
     memory: MemoryEstimate | None = None  # the per-rank estimate (rank 0 prints its table)
-    load_mode: str = "whole"  # how the base is created: "whole", "zero3" or "fsdp2" (load_mode)
+    load_mode: str = WHOLE.name  # how the base is created (a name of engines.loading's kinds)
+    engine: Engine | None = None  # the recipe's engine, chosen once (engines.engine_for)
 
 
 def resolve_model_path(name: str) -> str:
@@ -115,82 +118,6 @@ def deepspeed_config(rc: Recipe, grad_accum: int, global_batch: int) -> dict[str
     cfg.setdefault("steps_per_print", 10**9)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg
-
-
-def _check_deepspeed(cfg: dict[str, Any]) -> None:
-    """Validate the DeepSpeed config with DeepSpeed's own schema (pydantic), one line per error."""
-    import pydantic
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    seen: set[str] = set()
-
-    class Reads(dict):  # which top-level keys DeepSpeed looks at; it ignores all others silently
-        def get(self, key, *default):
-            seen.add(key)
-            return super().get(key, *default)
-
-        def __getitem__(self, key):
-            seen.add(key)
-            return super().__getitem__(key)
-
-        def __contains__(self, key):
-            seen.add(key)
-            return super().__contains__(key)
-
-    # The global batch is ours (checked above against the world size); DeepSpeed would check it
-    # against the world of this not-yet-distributed process.
-    probe = {k: v for k, v in copy.deepcopy(cfg).items() if k != "train_batch_size"}
-    try:
-        DeepSpeedConfig(Reads(probe))
-    except pydantic.ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        section = _section_of(cfg, first["loc"])
-        key = f"deepspeed.{section + '.' if section else ''}{loc}"
-        hint = ""
-        if first["type"] == "extra_forbidden":
-            known = _model_fields(err.title)
-            close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"{key}: {first['msg'].lower()}{hint}; see DeepSpeed's config "
-                          f"documentation for {err.title}") from None
-    except (ValueError, AssertionError, TypeError, KeyError) as err:
-        raise RecipeError(f"deepspeed: DeepSpeed rejects this config: {err}") from None
-    for key in sorted(set(probe) - seen):
-        close = difflib.get_close_matches(key, sorted(seen), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise RecipeError(f"deepspeed.{key} is not a DeepSpeed config key (DeepSpeed would ignore "
-                          f"it silently); {hint}remove or rename it")
-
-
-def _section_of(cfg: dict[str, Any], loc: tuple) -> str:
-    """The dotted path of the sub-block of ``cfg`` that holds the key at ``loc``."""
-    def walk(node: Any, path: str) -> str | None:
-        if not isinstance(node, dict):
-            return None
-        if loc and str(loc[0]) in node and path:
-            return path
-        for k, v in node.items():
-            found = walk(v, f"{path}.{k}" if path else str(k))
-            if found is not None:
-                return found
-        return None
-
-    return walk(cfg, "") or ""
-
-
-def _model_fields(title: str) -> list[str]:
-    """Field names (and aliases) of the DeepSpeed pydantic model called ``title``."""
-    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-
-    todo, names = [DeepSpeedConfigModel], []
-    while todo:
-        cls = todo.pop()
-        todo += cls.__subclasses__()
-        if cls.__name__ == title:
-            for name, f in cls.model_fields.items():
-                names += [name] + ([f.alias] if f.alias else [])
-    return names
 
 
 def _check_options(rc: Recipe) -> None:
@@ -343,31 +270,21 @@ def local_ranks(world_size: int) -> int:
 
 
 def load_mode(rc: Recipe, trainable: dict[str, Any]) -> str:
-    """``"zero3"``, ``"fsdp2"`` or ``"whole"``: how this run creates its base model (see
-    :mod:`riemann_zero.train.loading`). Whole where the start needs the whole base weight (PiSSA,
-    LoRA-GA, a row's ``prepare`` such as StelLA's, PEFT's OFT/BOFT, full fine-tuning), with
-    ``model.partitioned_load: false`` and under ZeRO-0/1/2."""
-    if not rc.model.partitioned_load:
-        return "whole"
-    if trainable or rc.adapter.type != "lora" or rc.init.method in PEFT_INITS:
-        return "whole"
-    if registry.spec(rc.optimizer.name).prepare is not None:
-        return "whole"
-    if rc.engine == "fsdp2":
-        return "fsdp2"
-    zero = rc.deepspeed.get("zero_optimization", {}) or {}
-    return "zero3" if int(zero.get("stage", 0)) == 3 else "whole"
+    """How this run creates its base model, by name (``Plan.load_mode``; see
+    :mod:`riemann_zero.train.engines.loading`): the engine's own partitioned load unless the
+    start needs the whole base weight (:meth:`~riemann_zero.train.engines.base.Engine.load`)."""
+    return engine_for(rc).load(trainable).name
 
 
 def _check_memory(rc: Recipe, model_config: Any, shapes: dict[str, tuple[int, int]],
                   trainable: dict[str, tuple[int, ...]], world: int, local: int | None,
-                  on_gpu: bool | None, mode: str) -> MemoryEstimate:
+                  on_gpu: bool | None, engine: Engine, partitioned: bool) -> MemoryEstimate:
     if on_gpu is None:
         import torch
 
         on_gpu = torch.cuda.is_available()
     est = estimate_memory(rc, model_config, world=world, on_gpu=on_gpu, shapes=shapes,
-                          trainable=trainable, partitioned=mode != "whole",
+                          trainable=trainable, partitioned=partitioned, engine=engine,
                           local_ranks=local if local is not None else local_ranks(world))
     if rc.memory.check:
         problem = memory_error(est, *memory_limits(rc, on_gpu), world=world)
@@ -403,12 +320,10 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
     stage = int(zero.get("stage", 0))
     if stage not in (0, 1, 2, 3):
         raise RecipeError(f"deepspeed.zero_optimization.stage must be 0..3, but got {stage}")
+    engine = engine_for(rc)
     # Only a real `true` counts here; any other value is left to DeepSpeed's schema check below.
     bf16 = (rc.deepspeed.get("bf16", {}) or {}).get("enabled", False) is True
-    fsdp2 = rc.engine == "fsdp2"
-    problem = registry.engine_error(
-        rc.optimizer.name, where="FSDP2" if fsdp2 else f"ZeRO-{stage}",
-        whole=not fsdp2 and stage == 0, copies_back=bf16 and not fsdp2 and stage == 0, bf16=bf16)
+    problem = engine.optimizer_error(rc.optimizer.name, rc.deepspeed, bf16=bf16)
     if problem is not None:
         raise RecipeError(problem)
     _check_options(rc)
@@ -444,8 +359,7 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
             raise RecipeError(f"model.name_or_path: cannot read the config of {path!r} ({err}); "
                               f"give a local model directory or a reachable hub id") from None
     ds_config = deepspeed_config(rc, gas, mb * gas * world_size)
-    if rc.engine == "deepspeed":
-        _check_deepspeed(ds_config)
+    engine.check(ds_config)
     shapes = _linear_shapes(model_config)
     notes: list[str] = []
     trainable: dict[str, tuple[int, ...]] = {}
@@ -461,10 +375,11 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
             f"{n} {tuple(s)}" for n, s in trainable.items()))
     else:
         _check_targets(rc, shapes, type(model_config).__name__)
-    mode = load_mode(rc, trainable)
-    memory = _check_memory(rc, model_config, shapes, trainable, world_size, local, on_gpu, mode)
+    load = engine.load(trainable)
+    memory = _check_memory(rc, model_config, shapes, trainable, world_size, local, on_gpu,
+                           engine, load.partitioned)
     resume_from, finished = _check_output_dir(rc, notes)
     return Plan(model_path=path, model_config=model_config, grad_accum=gas,
                 global_batch=mb * gas * world_size, resume_from=resume_from, finished=finished,
                 linear_shapes=shapes, deepspeed=ds_config, notes=notes, trainable=trainable,
-                memory=memory, load_mode=mode)
+                memory=memory, load_mode=load.name, engine=engine)

@@ -180,7 +180,7 @@ def _partitioned(engine: str, spec: dict, folder: Path):
     import riemann_zero as rz
     from riemann_zero.adapters.layout import init_points
     from riemann_zero.sharding.params import full_tensor, gathered
-    from riemann_zero.train.loading import create_base, materialize
+    from riemann_zero.train.engines.loading import create_base, materialize
 
     world = dist.get_world_size()
     mode = "zero3" if engine == "zero3" else "fsdp2"

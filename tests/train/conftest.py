@@ -35,4 +35,4 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", boom)
     # partitioned loading (ZeRO-3, FSDP2) reads the safetensors files itself
-    monkeypatch.setattr("riemann_zero.train.loading.load_local_parts", boom)
+    monkeypatch.setattr("riemann_zero.train.engines.loading.load_local_parts", boom)
