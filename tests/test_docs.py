@@ -274,6 +274,7 @@ COMMAND = re.compile(r"python -m riemann_zero\.train|launch/run\.sh")
 OVERRIDE = re.compile(r"(?<![\w.-])([a-z_][\w.]*)=\S")
 QUALIFIED = re.compile(r"(?<![\w./])((?:riemann_zero|rz)\.[A-Za-z_][\w.]*\w)")
 PYTHON_M = re.compile(r"python -m ([\w.]+)")
+MD_LINK = re.compile(r"\[([^\]\n]*)\]\(([^)\s]*)\)")
 
 
 def expand(pattern: str) -> list[str]:
@@ -299,7 +300,8 @@ def path_problems(root: Path, docs: tuple[str, ...] = USER_DOCS) -> list[str]:
     ``smollm2_{math,code}.yaml``) that match nothing in the tree."""
     problems = []
     for doc in docs:
-        text = (root / doc).read_text()
+        # A Markdown link [label](target) names its target (and maybe its label) as paths.
+        text = MD_LINK.sub(r"\1 \2", (root / doc).read_text())
         names = set(REPO_PATH.findall(text))
         names |= {f"recipes/{n}" for n in RECIPE_FILE.findall(text) if "/" not in n}
         for name in sorted(names):
@@ -429,6 +431,7 @@ def test_expand_braces_and_optional_parts():
     ("run `bench/gone.py`\n", "bench/gone.py"),
     ("| `smollm2_{a,b}.yaml` | x |\n", "recipes/smollm2_b.yaml"),
     ("see recipes/llama9_*.yaml\n", "recipes/llama9_*.yaml"),
+    ("see [the kit](bench/gpu/gone.md)\n", "bench/gpu/gone.md"),
 ])
 def test_path_checker_flags(tmp_path, text, needle):
     root = _repo(tmp_path, {"README.md": text, "bench/merge.py": "", "recipes/smollm2_a.yaml": "",
@@ -440,7 +443,7 @@ def test_path_checker_flags(tmp_path, text, needle):
 def test_path_checker_accepts_what_exists(tmp_path):
     text = ("`bench/merge.py`, `recipes/llama3_*.yaml`, `smollm2_{a}[_b].yaml`, run outputs in "
             "bench/results/convergence/runs/NAME, `x --out bench/results/new.json`, "
-            "`recipes/smollm2_{a}_b.yaml`, `recipes/NEW.yaml`\n")
+            "`recipes/smollm2_{a}_b.yaml`, `recipes/NEW.yaml`, [bench/merge.py](bench/merge.py)\n")
     root = _repo(tmp_path, {"README.md": text, "bench/merge.py": "", "recipes/llama3_x.yaml": "",
                             "recipes/smollm2_a.yaml": "", "recipes/smollm2_a_b.yaml": ""})
     assert path_problems(root, ("README.md",)) == []

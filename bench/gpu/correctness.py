@@ -113,7 +113,7 @@ def _build(sz: common.Sizes, device: str, dtype: torch.dtype, gen: torch.Generat
 
 def _masters(opt, ads) -> dict[str, tuple]:
     """{name: (U, V, K)} in float64 on the CPU, from the optimizer's fp32 master copies."""
-    state = opt.adapter_state_dict()
+    state = opt.named_state_dict()
     out = {}
     for ad in ads:
         st = state[ad.name]
@@ -179,8 +179,8 @@ def riemannion(sz: common.Sizes) -> dict:
     opt.bucket_bytes = None  # one call per shape, as on an accelerator (the CPU default caps)
     _grads(ads, gen)
     opt.step()  # warm-up: the fp32 masters are created (and the bf16 point re-factored)
-    state = opt.adapter_state_dict()  # the compared steps start without momentum
-    opt.load_adapter_state_dict({name: {k: v for k, v in st.items()
+    state = opt.named_state_dict()  # the compared steps start without momentum
+    opt.load_named_state_dict({name: {k: v for k, v in st.items()
                                         if not k.startswith("momentum")}
                                  for name, st in state.items()})
 

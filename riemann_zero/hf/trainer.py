@@ -59,6 +59,7 @@ from riemann_zero.hf.state import (
 from riemann_zero.optim import registry
 from riemann_zero.optim.metrics import step_metrics
 from riemann_zero.sharding.comm import sketch_reduce
+from riemann_zero.sharding.layouts import layout_of
 from riemann_zero.sharding.params import full_tensor, gathered
 from riemann_zero.train.engines.deepspeed import DeepSpeedEngine
 
@@ -213,7 +214,7 @@ class _Riemann:
         if self._rz_started:
             return
         model = self.model
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
+        if not all(layout_of(p).whole for p in model.parameters()):
             raise ValueError("rz_init='loi' needs unpartitioned weights, but the model was loaded "
                              "under ZeRO-3's zero.Init; load it before creating TrainingArguments"
                              "(deepspeed=...) or use rz_init='zero'")

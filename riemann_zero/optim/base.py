@@ -289,9 +289,6 @@ class ManifoldOptimizer(torch.optim.Optimizer):
                 k: (v.to(device=device, copy=True) if isinstance(v, Tensor) else v)
                 for k, v in st.items()}
 
-    # The name the engines test for before one name served every optimizer (train/engines.py).
-    adapter_state_dict = named_state_dict
-
     # --------------------------------------------------------------------------- health
     @torch.no_grad()
     def manifold_health(self) -> dict[str, float]:

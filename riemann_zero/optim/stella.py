@@ -35,6 +35,7 @@ from riemann_zero.adapters.layout import Adapter, lora_adapters
 from riemann_zero.manifold import stiefel
 from riemann_zero.optim.adamw import adamw_direction
 from riemann_zero.optim.base import ManifoldOptimizer
+from riemann_zero.sharding.layouts import layout_of
 
 __all__ = ["StelLA"]
 
@@ -103,9 +104,9 @@ class StelLA(ManifoldOptimizer):
         adapter_params = []
         for sl in self._slots:
             for p in (sl.lora_B, sl.lora_A):
-                if hasattr(p, "ds_id") or hasattr(p, "device_mesh"):
+                if not layout_of(p).whole:
                     raise ValueError(f"{sl.name}: StelLA runs on whole parameters (one process or "
-                                     "DDP), but got a ZeRO-3/FSDP-sharded one")
+                                     f"DDP), but got one laid out by {layout_of(p).title}")
             adapter_params += [sl.lora_B, sl.lora_A]
         ids = {id(p) for p in adapter_params}
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]

@@ -23,6 +23,7 @@ import torch
 
 from riemann_zero.adapters.inits import PEFT_INITS
 from riemann_zero.optim import registry
+from riemann_zero.optim.base import ManifoldOptimizer
 from riemann_zero.train.engines.loading import WHOLE, Load
 from riemann_zero.train.recipe import Recipe
 
@@ -68,10 +69,10 @@ class MemoryFacts:
 
 
 def manifold_state(optimizer: Any) -> bool:
-    """Whether ``optimizer`` keeps its own per-adapter state (a manifold optimizer: momentum
-    factors and masters keyed by adapter, or Tensorion's keyed by tensor name) that
-    ``torch.optim``'s ``state``/``param_groups`` do not hold."""
-    return hasattr(optimizer, "adapter_state_dict") or hasattr(optimizer, "tensor_state_dict")
+    """Whether ``optimizer`` keeps its own state keyed by adapter or tensor name
+    (:meth:`~riemann_zero.optim.base.ManifoldOptimizer.named_state_dict`: momentum factors and
+    masters), which ``torch.optim``'s ``state``/``param_groups`` do not hold."""
+    return isinstance(optimizer, ManifoldOptimizer)
 
 
 class Engine:
