@@ -127,5 +127,6 @@ def help_text() -> str:
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls is not Recipe else ""
             lines += ["", f"{section}:" + (f"  {doc}" if doc else "")]
         lines.append(f"  {key:<{width}}{MEANINGS[key]}  [default: {default!r}]")
-    lines += ["", "smoke=true sets: " + " ".join(SMOKE)]
+    lines += ["", "smoke=true sets (keys also given on the command line keep their value): "
+              + " ".join(SMOKE)]
     return "\n".join(lines)

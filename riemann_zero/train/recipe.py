@@ -208,7 +208,7 @@ class Recipe:
     seed: int = 0
     resume: str = "auto"  # auto | never | PATH of a checkpoint directory
     stop_after: int | None = None  # simulate a crash right after this step (tests of resume)
-    smoke: bool = False  # a quick check of the pipeline: SMOKE's settings win over the recipe's
+    smoke: bool = False  # a quick check of the pipeline: SMOKE's settings win over the file's
     log_level: str = "info"  # debug | info | warning (what the libraries print; see progress)
     engine: str = "deepspeed"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -232,7 +232,8 @@ class Recipe:
 # Keys that do not change what a run computes: a run directory may be resumed with other values.
 RUN_NEUTRAL_KEYS = ("output_dir", "resume", "stop_after", "eval_after", "train.log_every",
                     "train.verify_checkpoints", "log_level", "logging", "memory")
-# What ``smoke=true`` sets, whatever the recipe says: the real 2-layer SmolLM2 cut, one LOI
+# What ``smoke=true`` sets, whatever the recipe file says (a key also given on the command line
+# keeps the command line's value): the real 2-layer SmolLM2 cut, one LOI
 # calibration batch without power steps, a few short steps, no checkpoints, no eval stage. It
 # checks that a recipe's data, optimizer, engine and export run end to end (the model is
 # replaced, so it says nothing about the recipe's own model).
@@ -386,6 +387,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
                               f"{type(data).__name__}")
     data = apply_overrides(data, list(overrides))
     if build_dataclass(Recipe, data, switchable=SWITCHABLE_SECTIONS).smoke:
-        data = apply_overrides(data, list(SMOKE))
+        # SMOKE wins over the recipe file; the command line's own keys win over SMOKE.
+        data = apply_overrides(apply_overrides(data, list(SMOKE)), list(overrides))
     return build_dataclass(Recipe, data, switchable=SWITCHABLE_SECTIONS)
 

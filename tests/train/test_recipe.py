@@ -83,6 +83,20 @@ def test_override_beats_yaml(tmp_path):
     assert (r.max_steps, r.optimizer.lr, r.optimizer.name) == (100, 0.5, "adamw")
 
 
+def test_smoke_beats_the_file_and_the_command_line_beats_smoke(tmp_path):
+    """smoke=true replaces the recipe file's values, but a key the user also types keeps the
+    typed value (it used to be overwritten silently)."""
+    path = tmp_path / "r.yaml"
+    path.write_text("max_steps: 100\nmodel: {name_or_path: asset:smollm2}\n"
+                    "train: {micro_batch_size: 4}\n")
+    plain = load_recipe(path, ["smoke=true"])
+    assert (plain.max_steps, plain.model.name_or_path, plain.train.micro_batch_size) == (
+        5, "asset:smollm2:2", 2)
+    typed = load_recipe(path, ["max_steps=7", "smoke=true", "train.micro_batch_size=3"])
+    assert (typed.max_steps, typed.model.name_or_path, typed.train.micro_batch_size) == (
+        7, "asset:smollm2:2", 3)
+
+
 @pytest.mark.parametrize("override, needle", [
     ("optimzer.lr=1", "did you mean 'optimizer'"),
     ("lora.lora_alfa=3", "did you mean 'lora.lora_alpha'"),
