@@ -127,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                 _record_end(out, info, "failed", err, rank)
                 _shutdown(barrier=False)
                 raise
-            if result.get("stopped"):  # simulated crash (resume tests): no adapter, no run.json
+            if result.get("stopped"):  # simulated crash (resume tests): no adapter
+                if rank == 0:
+                    write_json(out / "run.json", {**info, "status": "stopped",
+                                                  "stopped_after": recipe.stop_after})
                 sys.stdout.flush()
                 lock.release()
                 os._exit(STOP_EXIT_CODE)

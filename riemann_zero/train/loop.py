@@ -112,6 +112,15 @@ def _total_steps(run: _Run, data: RunData) -> int:
     return total
 
 
+def _what_trains(recipe: Recipe, plan: Plan) -> str:
+    """The stage line's account of what the run trains."""
+    if plan.trainable:
+        return f"training {len(plan.trainable)} whole parameters (no adapter)"
+    if recipe.adapter.type != "lora":
+        return f"with {recipe.adapter.type.upper()} adapters and {recipe.init.method} init"
+    return f"with LoRA r={recipe.lora.r} and {recipe.init.method} init"
+
+
 def _model_and_engine(run: _Run, data: RunData, device: torch.device, total: int
                       ) -> list[float]:
     """Build the model, hand it and its optimizer factory to the engine, finish a partitioned
@@ -122,8 +131,7 @@ def _model_and_engine(run: _Run, data: RunData, device: torch.device, total: int
     calibration = data.calibration(recipe.init.batches, device)
     set_seed(recipe.seed)  # the same initial adapter on every rank
     load = load_kind(plan.load_mode)
-    with stage(f"loading {recipe.model.name_or_path} {load.says} with LoRA r={recipe.lora.r} "
-               f"and {recipe.init.method} init"):
+    with stage(f"loading {recipe.model.name_or_path} {load.says} {_what_trains(recipe, plan)}"):
         model, finish = build_model(recipe, plan, calibration, engine, device,
                                     reduce=(lambda t: dist.all_reduce(t)) if world > 1 else None,
                                     world=world)

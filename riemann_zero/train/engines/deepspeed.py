@@ -131,6 +131,10 @@ def _frozen_names(module: torch.nn.Module) -> set[str]:
     return {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
+# What DeepSpeed's ``_copy_recovery_script`` writes beside a ZeRO checkpoint.
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
 def deepspeed_io(engine: Any, *, exclude_frozen: bool) -> StateIO:
     """Writer and reader of a DeepSpeed engine's state (model incl. buffers, optimizer, scheduler).
 
@@ -156,6 +160,12 @@ def deepspeed_io(engine: Any, *, exclude_frozen: bool) -> StateIO:
                                    exclude_frozen_parameters=exclude_frozen)
         finally:
             del engine.module_state_dict  # back to the class's method
+        # Under ZeRO, DeepSpeed's rank 0 copies its recovery scripts into the folder above the
+        # checkpoint (the staging folder here), which then never empties: the driver exports
+        # the adapter itself, so they are not kept.
+        if engine.global_rank == 0:
+            for script in RECOVERY_SCRIPTS:
+                (directory.parent / script).unlink(missing_ok=True)
 
     def read(directory: Path) -> None:
         load_path, _ = engine.load_checkpoint(
