@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import importlib.util
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from riemann_zero.adapters.layout import rank_error
 from riemann_zero.adapters.loi import loi_rank_error
 from riemann_zero.data.examples import DATASETS, HUB_DATASETS, has_eval_split, load_examples
 from riemann_zero.optim import registry
+from riemann_zero.optim.base import check_hyper
 from riemann_zero.train.checkpoint import (
     CheckpointError,
     list_checkpoints,
@@ -128,10 +130,20 @@ def _check_options(rc: Recipe) -> None:
             extra = f" (did you mean {hint[0]!r}?)" if hint else ""
             raise RecipeError(f"optimizer.options.{key} is not an option of optimizer "
                               f"{rc.optimizer.name!r}{extra}; valid options: {sorted(valid)}")
+    try:  # the values, against the optimizers' one table of hyper-parameter rules
+        check_hyper(dict(rc.optimizer.options), "optimizer.options.")
+    except ValueError as err:
+        raise RecipeError(str(err)) from None
     check = registry.spec(rc.optimizer.name).check_options
     problem = None if check is None else check(dict(rc.optimizer.options))
     if problem is not None:
         raise RecipeError(problem)
+
+
+def _check_trackers(rc: Recipe) -> None:
+    if rc.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise RecipeError("logging.wandb=true needs wandb: pip install 'riemann-zero[wandb]', "
+                          "or set logging.wandb=false")
 
 
 def _linear_shapes(model_config: Any) -> dict[str, tuple[int, int]]:
@@ -327,6 +339,7 @@ def preflight(rc: Recipe, *, world_size: int = 1, model_config: Any = None,
     if problem is not None:
         raise RecipeError(problem)
     _check_options(rc)
+    _check_trackers(rc)
     _check_dataset("data.train", rc.data.train)
     _check_dataset("data.eval", rc.data.eval)
     _check_eval_split(rc)

@@ -106,3 +106,29 @@ def test_cli_prints_one_line_error_before_loading(tmp_path, no_weights, monkeypa
     err = capsys.readouterr().err
     assert code == 2 and "'qq_proj' matches no Linear layer" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optimizer.options.ortho=bogus",
+     r"optimizer.options.ortho must be one of .*, but got 'bogus'"),
+    ("optimizer.options.ns_steps=0", r"optimizer.options.ns_steps must be an int >= 1, but got 0"),
+    ("optimizer.options.momentum_buffer=stored",
+     r"optimizer.options.momentum_buffer must be 'raw' or 'paper', but got 'stored'"),
+])
+def test_bad_option_value_is_refused_before_weights_load(tmp_path, no_weights, override, needle):
+    """A bad optimizer.options value used to pass preflight and fail in the optimizer's
+    constructor, after the model had loaded."""
+    with pytest.raises(RecipeError, match=needle):
+        preflight(_recipe(tmp_path, "optimizer.name=riemannion", "init.method=loi", override))
+
+
+def test_wandb_without_the_package_is_refused_before_weights_load(tmp_path, no_weights,
+                                                                  monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(RecipeError, match="logging.wandb=true needs wandb"):
+        preflight(_recipe(tmp_path, "logging.wandb=true"))
+    preflight(_recipe(tmp_path, "logging.wandb=false"))  # the same recipe without it passes
