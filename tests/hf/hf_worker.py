@@ -207,3 +207,14 @@ def launch(tmp: Path, name: str, world: int, env: dict, expect: int = 0,
         assert proc.returncode == expect, proc.stderr[-4000:]
     result = out / "result.pt"
     return torch.load(result) if result.exists() else None
+
+
+def assert_resumed(full: dict, resumed: dict, at: int, total: int) -> None:
+    """``resumed`` (rank 0's result of a run resumed from the step-``at`` checkpoint, one
+    micro-batch per step) resumed, not restarted: it logged only steps at+1..total, and its forward
+    passes are the start-up passes (LOI) followed by exactly the uninterrupted run's last
+    total − at micro-batches: none of steps 1..at was recomputed."""
+    assert full["logged_here"] == list(range(1, total + 1))
+    assert resumed["logged_here"] == list(range(at + 1, total + 1))
+    startup = full["forwards"][:-total]
+    assert resumed["forwards"] == startup + full["forwards"][-(total - at):]
