@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stock_peft import assert_adapter_is_the_trained_model
 
 from riemann_zero.io import peak_rss_mib
 from riemann_zero.sharding.load import CheckpointReader, checkpoint_files, load_local_parts
@@ -141,7 +142,7 @@ def test_zero3_driver_partitioned_equals_whole_and_saves_a_peft_adapter(tmp_path
     LOI: loading partitioned (zero.Init, LOI through the engine) and whole (LOI before the
     engine) give the same eval loss at step 0 and the same training losses (fp32; LOI's
     randomized SVD agrees to ~1e-6 and 3 steps keep it there: 1e-5 relative), every rank's peak
-    RSS is logged, and the adapter is non-empty and loads in stock PEFT."""
+    RSS is logged, and the adapter gives the trained model's eval loss in stock PEFT."""
     part, whole = tmp_path / "part", tmp_path / "whole"
     for out, extra in ((part, ()), (whole, ("model.partitioned_load=false",))):
         proc = _torchrun(out, *extra)
@@ -159,12 +160,5 @@ def test_zero3_driver_partitioned_equals_whole_and_saves_a_peft_adapter(tmp_path
         assert abs(a - b) <= 1e-5 * abs(b), (values["p"], values["w"])
     assert all(len(r["peak_rss_mib"]) == 2 for r in rows["p"] if "loss" in r)
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    adapter = part / "adapter"
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(runs["p"]["model_path"]), str(adapter))
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    assert lora and all(p.numel() > 0 for p in lora)
-    assert all(float(p.abs().max()) > 0 for p in lora if p.ndim == 2)
+    # stock PEFT on the original base gives the trained model's final eval loss
+    assert_adapter_is_the_trained_model(part, "commonsense:ARC-Easy", 4, 64, tmp_path)
