@@ -48,7 +48,6 @@ def _logits(model, ids) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", ["pissa", "lora_ga"])
 def test_init_keeps_outputs_and_adapter_loads_on_original_base(tmp_path, method):
-
     base = _base()
     original = copy.deepcopy(base)
     ids = _batch(7)["input_ids"]
