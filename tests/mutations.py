@@ -176,9 +176,14 @@ def _run_tests(tree: Path, tests: tuple[str, ...], timeout: int) -> dict[str, st
     for case in ET.parse(xml).getroot().iter("testcase"):
         file = case.get("file") or case.get("classname", "").replace(".", "/") + ".py"
         node = f"{file}::{case.get('name')}"
-        kinds = {child.tag for child in case}
+        kinds = {child.tag: child for child in case}
         status = ("failed" if "failure" in kinds else "error" if "error" in kinds
                   else "skipped" if "skipped" in kinds else "passed")
+        bad = kinds.get("failure", kinds.get("error"))
+        if bad is not None:  # the first line of the message: which assertion caught it
+            first = (bad.get("message") or "").strip().splitlines()[:1]
+            if first:
+                status += ": " + first[0][:120].replace("|", "/")
         for t in tests:
             if t == node or t.split("/", 1)[-1] == node or t.endswith("::" + case.get("name")):
                 outcome[t] = status
@@ -221,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             res = _run_tests(tree, m.tests, args.timeout)
             rows.append((m, res, time.monotonic() - start))
-            killed = any(s in ("failed", "error") for s in res.values())
+            killed = any(s.startswith(("failed", "error")) for s in res.values())
             bad |= not killed
             print(f"{m.id}: {'caught' if killed else 'SURVIVED'} "
                   f"({time.monotonic() - start:.0f} s)", flush=True)
