@@ -8,10 +8,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from riemann_zero import StelLA, assets, stella_init
 
@@ -231,13 +234,32 @@ def test_saved_adapter_is_stock_peft_and_reproduces_logits(tiny_llama, tmp_path)
     assert config["peft_type"] == "LORA"
     keys = load_file(tmp_path / "adapter_model.safetensors").keys()
     assert keys and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in keys)
-    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), tmp_path)
     ids = batch(9)
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        got = loaded(input_ids=ids).logits
         base = tiny_llama(seed=0)(input_ids=ids).logits
     assert not torch.allclose(want, base, atol=1e-6)  # the adapter is not a no-op
+    # stock PEFT on the float64 base, in a process that never imports riemann_zero
+    tiny_llama(seed=0).save_pretrained(tmp_path / "base")
+    torch.save(ids, tmp_path / "ids.pt")
+    script = (
+        "import sys, torch\n"
+        "from peft import PeftModel\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "base, adapter, ids, out = sys.argv[1:]\n"
+        "model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)\n"
+        "model = PeftModel.from_pretrained(model, adapter).eval()\n"
+        "with torch.no_grad():\n"
+        "    logits = model(input_ids=torch.load(ids)).logits\n"
+        "assert 'riemann_zero' not in sys.modules\n"
+        "torch.save(logits, out)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "base"), str(tmp_path),
+                           str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = torch.load(tmp_path / "logits.pt")
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)  # same float64 arithmetic
 
 

@@ -125,6 +125,16 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
         target = model
     else:
         raise ValueError(f"unknown engine {engine!r}")
+    # The tensors whose direction this rank computes (the momenta it receives as their owner),
+    # seen at the optimizer's own hand-over from momenta to directions.
+    computes: set[str] = set()
+    directions = inner._directions
+
+    def observed(group, entries, owned):
+        computes.update(entries[i][0] for i in owned)
+        return directions(group, entries, owned)
+
+    inner._directions = observed
     comm = []
     for batch in data(world, steps):
         mine = batch[rank * PER_RANK:(rank + 1) * PER_RANK]
@@ -150,8 +160,11 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
               "holds": sorted(k for k, st in inner.named_state.items()
                               if st["momentum"].numel() > 0)}
     results = [None] * world
-    dist.all_gather_object(results, {"unfoldings": result["unfoldings"]})
+    dist.all_gather_object(results, {"unfoldings": result["unfoldings"],
+                                     "holds": result["holds"], "computes": sorted(computes)})
     result["unfoldings_by_rank"] = [r["unfoldings"] for r in results]
+    result["holds_by_rank"] = [r["holds"] for r in results]
+    result["computes_by_rank"] = [r["computes"] for r in results]
     if rank == 0:
         torch.save(result, out / f"{case['name']}.pt")
     dist.barrier()

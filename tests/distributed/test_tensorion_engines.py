@@ -110,13 +110,23 @@ def test_world2_equals_single_process(world2, name):
 
 
 def test_world3_has_a_rank_that_owns_nothing(world3):
-    """The scenario the world-3 cases rely on: fewer Tensorion tensors than ranks (round robin
-    leaves rank 2 without a tensor to compute), and FSDP2's Shard(0) of the 4-expert stacks
-    (ceil(4/3) = 2 rows per rank) leaves rank 2 an empty piece of each."""
+    """The scenario the world-3 cases rely on, read from what each rank did: fewer Tensorion
+    tensors than ranks, so round robin (tensor i on rank i mod 3) leaves rank 2 without a
+    direction to compute, under every engine; and FSDP2's Shard(0) of the 4-expert stacks
+    (ceil(4/3) = 2 rows per rank) leaves rank 2 an empty piece of each (no momentum held), while
+    DDP's ranks each hold every tensor whole."""
     ref = torch.load(world3 / "reference.pt")
     assert len(ref["unfoldings"]) == 2 < 3
     shapes = {k: tuple(v.shape) for k, v in ref["params"].items() if v.ndim == 3}
     assert all(s[0] == 4 for s in shapes.values()) and len(shapes) == 2
+    order = list(ref["unfoldings"])  # the optimizer's tensors, in its order
+    for case in W3:
+        res = torch.load(world3 / f"{case['name']}.pt")
+        assert res["computes_by_rank"] == [[order[0]], [order[1]], []], case["name"]
+    fsdp = torch.load(world3 / "fsdp2_gas4.pt")["holds_by_rank"]
+    assert fsdp[2] == [] and fsdp[0] == fsdp[1] == sorted(order)
+    ddp = torch.load(world3 / "ddp_gas1.pt")["holds_by_rank"]
+    assert ddp == [sorted(order)] * 3
 
 
 FULL = [_case(e, g) for e in ("ddp", "fsdp2", "zero1", "zero2", "zero3") for g in (1, 4)]

@@ -4,7 +4,8 @@
 of the spec in turn (engine in zero1/zero2/zero3/fsdp2, gradient accumulation, LOI) on the same
 tiny random Llama and the same data, and rank 0 writes ``OUT/<case>.pt`` with the final points X
 (m×n, built from the gathered factors), every rank's optimizer bytes by collective at every step
-(and, under ZeRO, every rank's fragments of each adapter) and, if asked, a saved adapter.
+(and, under ZeRO, every rank's fragments of each adapter) and, if asked, a saved adapter with the
+trained model's logits on :func:`probe_ids`.
 ``python tests/distributed/worker.py SPEC.json --reference`` runs the single-process Riemannion on
 the whole global batch instead (no engine), for comparison. A case with ``"model": "narrow"``
 trains :data:`NARROW` instead (a 2-wide Llama, r = 1: n < world).
@@ -74,6 +75,11 @@ def data(world: int, steps: int) -> torch.Tensor:
 def calibration(world: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(2)
     return torch.randint(0, VOCAB, (2, world * PER_RANK, SEQ), generator=gen)
+
+
+def probe_ids() -> torch.Tensor:
+    """Fixed input ids on which a saved adapter is checked against the trained model."""
+    return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
 
 
 def points(model) -> dict[str, torch.Tensor]:
@@ -277,14 +283,22 @@ def run_case(case: dict, spec: dict, rank: int, out: Path) -> None:
     # ZeRO, its fragments of every adapter (what the byte model needs for ZeRO-1/2).
     shards = inner.shards
     mine = {"comm": comm, "fragments": [shards.pieces(ad) for ad in inner.adapters.values()]
-            if hasattr(shards, "pieces") else None}
+            if hasattr(shards, "pieces") else None,
+            # what the optimizer itself counted: steps per adapter, bytes over the whole run
+            "adapter_steps": {k: int(st.get("step", 0)) for k, st in inner.named_state.items()},
+            "comm_total": dict(inner.comm_total)}
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
     result = {"points": points(target), "comm": comm, "layout": type(shards).__name__,
               "comm_by_rank": [e["comm"] for e in everyone],
+              "adapter_steps_by_rank": [e["adapter_steps"] for e in everyone],
+              "comm_total_by_rank": [e["comm_total"] for e in everyone],
               "fragments_by_rank": [e["fragments"] for e in everyone]}
     if case.get("save"):
         rz.save_adapter(target, out / f"{case['name']}_adapter")
+        target.eval()
+        with torch.no_grad():  # the trained model's logits on probe_ids(); collective (ZeRO-3)
+            result["logits"] = target(input_ids=probe_ids()).logits.detach().float().clone()
     if rank == 0:
         torch.save(result, out / f"{case['name']}.pt")
     dist.barrier()

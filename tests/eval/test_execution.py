@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from eval import execution
@@ -44,12 +46,38 @@ def test_infinite_loop_is_killed_and_fails():
     assert elapsed < 10  # killed at ~2 s; slack for a loaded machine
 
 
-def test_sleeping_child_processes_are_killed_with_the_group():
-    # A forked grandchild must not outlive the sample (it would keep the CPU busy).
-    prog = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\ntime.sleep(60)\n"
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, killed but not yet reaped by its new parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_sleeping_child_processes_are_killed_with_the_group(tmp_path):
+    """A forked grandchild must not outlive the sample (it would keep the CPU busy): the program
+    forks, the grandchild writes its pid and sleeps; after run_program returns it is gone (killed
+    with the sandbox's process group, not only the child run_program started)."""
+    pid_file = tmp_path / "grandchild.pid"
+    prog = ("import os, time\n"
+            "if os.fork() == 0:\n"
+            f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+            "    time.sleep(60)\n"
+            "    os._exit(0)\n"
+            "time.sleep(60)\n")
     start = time.monotonic()
     res = execution.run_program(prog, timeout_s=2)
     assert not res.passed and time.monotonic() - start < 10
+    pid = int(pid_file.read_text())
+    try:
+        deadline = time.monotonic() + 5  # SIGKILL is asynchronous: allow it a moment
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the grandchild outlived the sample"
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_unbounded_allocation_is_stopped_and_fails():

@@ -8,10 +8,16 @@ gloo). A plain user script: no accelerate state is configured before ``TrainingA
 ``TrainingArguments(deepspeed=...)``, or null for none), ``fsdp`` (FSDP2 via
 ``TrainingArguments(fsdp=True, fsdp_config={"version": 2})``), ``save_steps`` (0: no
 checkpoints), ``kill_at`` (exit the process hard right after the checkpoint of that step),
-``resume`` (a checkpoint to resume from). Rank 0 writes ``OUT/result.pt``: the manifold points X
-(float64), the logged per-step losses, the manifold-health logs, the world size the Trainer saw,
-the wrapper class of the model (``model_wrapped``) and the placements of the lora_A parameters;
-the final adapter goes to ``OUT/adapter`` through ``trainer.save_model``.
+``resume`` (a checkpoint to resume from), ``swap`` ([start, stop): those training sequences are
+replaced by other random ones, as a data set that changed after a checkpoint). Rank 0 writes
+``OUT/result.pt``: the manifold points X (float64), the logged per-step losses, the steps logged
+by this process (``logged_here``: a resumed run logs only the steps after its checkpoint), the
+input ids of every forward pass of this rank's model (``forwards``, in order: LOI's calibration
+passes, then one per micro-batch; a resumed run must not recompute the steps before its
+checkpoint), the trained model's logits on :func:`probe_ids` (``logits``, computed in the training
+processes), the manifold-health logs, the world size the Trainer saw, the wrapper class of the
+model (``model_wrapped``) and the placements of the lora_A parameters; the final adapter goes to
+``OUT/adapter`` through ``trainer.save_model``.
 
 The data are ``N_SEQ`` fixed random sequences of equal length (no padding), read in order
 (``train_sampling_strategy="sequential"``), so a global batch is the same examples at any world
@@ -50,9 +56,19 @@ def build_peft():
                                            target_modules=TARGETS))
 
 
-def data() -> list[dict]:
+def data(swap: tuple[int, int] | None = None) -> list[dict]:
+    """The training sequences; ``swap=(start, stop)`` replaces those by other random ones."""
     ids = torch.randint(0, VOCAB, (N_SEQ, SEQ), generator=torch.Generator().manual_seed(1))
+    if swap:
+        start, stop = swap
+        ids[start:stop] = torch.randint(0, VOCAB, (stop - start, SEQ),
+                                        generator=torch.Generator().manual_seed(99))
     return [{"input_ids": x, "labels": x} for x in ids]
+
+
+def probe_ids() -> torch.Tensor:
+    """Fixed input ids on which the trained model's and stock PEFT's logits are compared."""
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
 
 
 def ds_config(stage: int) -> dict:
@@ -91,7 +107,21 @@ def main(spec: dict) -> None:
             if state.global_step == spec.get("kill_at"):
                 os._exit(9)  # no clean-up, as a killed job
 
-    trainer = Trainer(model=build_peft(), args=args, train_dataset=data(), callbacks=[Kill()],
+    logged_here = []
+
+    class Logged(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                logged_here.append(state.global_step)
+
+    peft_model = build_peft()
+    forwards = []  # this rank's forward passes, seen from inside the model (any wrapper; PEFT
+    # calls the causal LM's forward() directly, so the hook sits on the decoder it calls)
+    peft_model.get_base_model().model.register_forward_pre_hook(
+        lambda mod, args, kw: forwards.append(kw["input_ids"].tolist()), with_kwargs=True)
+    swap = spec.get("swap")
+    trainer = Trainer(model=peft_model, args=args, train_dataset=data(swap),
+                      callbacks=[Kill(), Logged()],
                       rz_init="loi" if spec.get("loi") else "zero",
                       rz_optimizer_kwargs={"momentum": 0.9},
                       rz_init_kwargs={"batches": spec.get("loi_batches", 2), "p": 4})
@@ -102,9 +132,15 @@ def main(spec: dict) -> None:
                          if "lora_A" in n})
     points = {k: v.double() for k, v in rz.manifold_points(model).items()}
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    n_train = len(forwards)
+    model.eval()
+    with torch.no_grad():  # collective under ZeRO-3 / FSDP2: every rank runs it
+        logits = model(input_ids=probe_ids().to(trainer.args.device)).logits.float().cpu()
     if trainer.args.process_index == 0:
         torch.save({"points": points, "losses": [h["loss"] for h in logs],
                     "steps": [h["step"] for h in logs], "logs": logs,
+                    "logged_here": logged_here, "forwards": forwards[:n_train],
+                    "logits": logits,
                     "world": trainer.args.world_size, "lora_A": placements,
                     "engine": type(trainer.model_wrapped).__name__}, out / "result.pt")
 
@@ -124,8 +160,8 @@ def stock_peft_logits(adapters: list, out: Path, env: dict) -> list[torch.Tensor
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from peft import PeftModel
         from transformers import LlamaConfig, LlamaForCausalLM
-        from hf_worker import LLAMA, VOCAB, SEQ
-        ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+        from hf_worker import LLAMA, probe_ids
+        ids = probe_ids()
         out = []
         for path in {[None if a is None else str(a) for a in adapters]!r}:
             torch.manual_seed(0)
@@ -171,3 +207,14 @@ def launch(tmp: Path, name: str, world: int, env: dict, expect: int = 0,
         assert proc.returncode == expect, proc.stderr[-4000:]
     result = out / "result.pt"
     return torch.load(result) if result.exists() else None
+
+
+def assert_resumed(full: dict, resumed: dict, at: int, total: int) -> None:
+    """``resumed`` (rank 0's result of a run resumed from the step-``at`` checkpoint, one
+    micro-batch per step) resumed, not restarted: it logged only steps at+1..total, and its forward
+    passes are the start-up passes (LOI) followed by exactly the uninterrupted run's last
+    total − at micro-batches: none of steps 1..at was recomputed."""
+    assert full["logged_here"] == list(range(1, total + 1))
+    assert resumed["logged_here"] == list(range(at + 1, total + 1))
+    startup = full["forwards"][:-total]
+    assert resumed["forwards"] == startup + full["forwards"][-(total - at):]

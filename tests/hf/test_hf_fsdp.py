@@ -24,7 +24,7 @@ import pytest
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from hf_worker import launch, stock_peft_logits  # noqa: E402
+from hf_worker import assert_resumed, launch, stock_peft_logits  # noqa: E402
 
 RTOL = 1e-5
 ENV = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1",
@@ -67,10 +67,12 @@ def test_fsdp2_two_processes_equal_one(runs):
 
 
 def test_fsdp2_adapter_reproduces_logits_in_stock_peft(runs, tmp_path):
-    tmp, *_ = runs
+    tmp, _, full, *_ = runs
     got, want, base = stock_peft_logits([tmp / "full" / "adapter", tmp / "ref" / "adapter", None],
                                         tmp_path / "logits.pt", ENV)
-    assert (want - base).abs().max() > 1e-4  # the adapter changes the logits
+    trained = full["logits"]  # the trained model's, computed in the training processes
+    assert (trained - base).abs().max() > 1e-4  # the adapter changes the logits
+    assert (got - trained).abs().max() <= RTOL * trained.abs().max()
     assert (got - want).abs().max() <= RTOL * want.abs().max()
 
 
@@ -82,3 +84,4 @@ def test_fsdp2_resume_after_kill_continues_exactly(runs):
     assert resumed["steps"] == full["steps"] == [1, 2, 3, 4]
     assert resumed["losses"][2:] == pytest.approx(full["losses"][2:], rel=1e-12, abs=0)
     assert _rel(resumed["points"], full["points"]) <= 1e-12
+    assert_resumed(full, resumed, at=2, total=4)

@@ -65,22 +65,31 @@ def _adapter_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.items() if "lora_" in k}
 
 
-@pytest.mark.parametrize("name,opts", [
-    ("adamw_zero0", ADAMW),
+# AdamW at stage 0 first shows a NaN loss (its step is bounded by lr, the forward overflows);
+# Riemannion's decoupled weight decay multiplies the factors by |1 − ηλ| ~ 3e5 per step, so they
+# overflow while the loss, behind RMSNorms, is still finite: only the check of the trainable
+# tensors sees it, at the step that produced them.
+@pytest.mark.parametrize("name,opts,seen", [
+    ("adamw_zero0", ADAMW, "non-finite loss"),
+    ("riemannion_zero0", RIEMANNION, "non-finite values in"),
     pytest.param("riemannion_zero2", [*RIEMANNION, "deepspeed.zero_optimization.stage=2"],
-                 marks=pytest.mark.slow)])
-def test_divergence_stops_the_run_and_keeps_the_newest_finite_checkpoint(tmp_path, name, opts):
+                 "non-finite values in", marks=pytest.mark.slow)])
+def test_divergence_stops_the_run_and_keeps_the_newest_finite_checkpoint(tmp_path, name, opts,
+                                                                         seen):
     out = tmp_path / "run"
     proc = _train(out, *opts, "optimizer.lr=1e8", "schedule.type=constant", "max_steps=12",
                   "train.save_every=1", "train.keep_last=1")
     assert proc.returncode == DIVERGED_EXIT_CODE, proc.stderr[-3000:]
     (line,) = _error_lines(proc)  # one line, from rank 0
-    # AdamW at stage 0 first shows a NaN loss; Riemannion at ZeRO-2 overflows its factors while
-    # the loss is still finite: either way the step is named and nothing of it is saved.
+    # either way the step is named and nothing of it is saved
     assert "training diverged at step" in line
-    assert "non-finite loss" in line or "non-finite values in" in line
+    assert seen in line, line
     assert "at lr 1e+08" in line and "Try a lower optimizer.lr" in line
     step = int(line.split("at step ")[1].split(":")[0])
+    if seen == "non-finite values in":  # the loss never showed it: every logged one is finite
+        losses = _losses(out)
+        assert all(math.isfinite(v) for v in losses.values()), losses
+        assert max(k for kind, k in losses if kind == "train") == step - 1
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "diverged" and "diverged at step" in run["error"]
     assert not (out / "adapter").exists()  # nothing non-finite was exported

@@ -1,4 +1,6 @@
-"""The FSDP2 path: torchrun, 2 CPU processes, fully_shard per decoder layer, exact resume."""
+"""The FSDP2 path: torchrun, 2 CPU processes, fully_shard per decoder layer, exact resume (and a
+resume, not a restart: tests/train/resume_probe.py), the adapter checked against the trained
+model (tests/train/stock_peft.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from resume_probe import assert_resumed, probe_env, tag_metrics
+from stock_peft import assert_adapter_is_the_trained_model
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = [
@@ -25,11 +29,14 @@ COMMON = ["engine=fsdp2", "model.name_or_path=asset:smollm2:4", "max_steps=4",
           "init.p=4", "init.batches=2"]
 
 
-def _torchrun(recipe: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _torchrun(recipe: str, out: Path, *extra: str,
+              log: Path | None = None) -> subprocess.CompletedProcess:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if log is not None:
+        env = probe_env(env, log)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -47,27 +54,26 @@ def _losses(out: Path) -> list[float]:
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_fsdp2_torchrun_trains_saves_and_resumes(tmp_path, recipe):
-    full = _torchrun(recipe, tmp_path / "full")
+    full = _torchrun(recipe, tmp_path / "full", log=tmp_path / "full.forwards")
     assert full.returncode == 0, (full.stdout + full.stderr)[-4000:]
     assert (tmp_path / "full" / "adapter" / "adapter_model.safetensors").is_file()
     cut = tmp_path / "cut"
     first = _torchrun(recipe, cut, "stop_after=3")
     assert first.returncode != 0  # stopped on purpose after the step-2 checkpoint
-    second = _torchrun(recipe, cut)
+    tag_metrics(cut)
+    second = _torchrun(recipe, cut, log=tmp_path / "resumed.forwards")
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert _losses(cut) == _losses(tmp_path / "full")
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    # micro-batches of 2, gradient accumulation 2, on each of the 2 ranks
+    assert_resumed(tmp_path / "full.forwards", tmp_path / "resumed.forwards", cut, at=2, total=4,
+                   micro_per_step=2, ranks=2)
 
     adapter = tmp_path / "full" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "asset:smollm2:4"  # portable, as the recipe says
-    base = json.loads((adapter.parent / "run.json").read_text())["model_path"]  # the local copy
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(adapter))
-    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
-    assert lora_b and all(p.numel() > 0 for p in lora_b)
-    assert any(float(p.abs().max()) > 0 for p in lora_b)  # trained, not the zero init
+    # stock PEFT on the original base gives the trained model's final eval loss
+    assert_adapter_is_the_trained_model(tmp_path / "full", "commonsense:ARC-Easy", 4, 64,
+                                        tmp_path)
 
 
 def test_fsdp2_driver_places_lora_a_on_columns_and_logs_gram_only_bytes(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stock_peft import assert_adapter_is_the_trained_model
 
 from riemann_zero.io import peak_rss_mib
 from riemann_zero.sharding.load import CheckpointReader, checkpoint_files, load_local_parts
@@ -94,13 +95,26 @@ def test_load_mode(overrides, mode):
 
 
 def test_peak_rss_grows_with_touched_memory():
-    """VmHWM in MiB: at least what a freshly touched 64 MiB buffer adds."""
+    """VmHWM in MiB, checked against two independent sources: getrusage's ru_maxrss (the kernel's
+    peak RSS in kB on Linux) in the same process, and the growth of a fresh process that touches
+    a 256 MiB buffer (its peak rises by about 256 MiB: not 1024 times that, nor a kB count)."""
+    import resource
+
     before = peak_rss_mib()
+    kernel = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB → MiB
     assert before is not None and before > 0
-    buf = torch.ones(64 * 2**20 // 4)
-    after = peak_rss_mib()
-    assert after >= before and after >= 64
-    del buf
+    # both read the same high-water mark; a few MiB may be touched between the two reads
+    assert abs(before - kernel) <= max(8.0, 0.02 * kernel), (before, kernel)
+    script = ("import torch\n"
+              "from riemann_zero.io import peak_rss_mib\n"
+              "before = peak_rss_mib()\n"
+              "buf = torch.ones(256 * 2**20 // 4)\n"
+              "print(before, peak_rss_mib())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    start, end = map(float, proc.stdout.split())
+    assert 256 - 8 <= end - start <= 256 + 64, (start, end)  # the buffer, plus a little slack
 
 
 def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -128,7 +142,7 @@ def test_zero3_driver_partitioned_equals_whole_and_saves_a_peft_adapter(tmp_path
     LOI: loading partitioned (zero.Init, LOI through the engine) and whole (LOI before the
     engine) give the same eval loss at step 0 and the same training losses (fp32; LOI's
     randomized SVD agrees to ~1e-6 and 3 steps keep it there: 1e-5 relative), every rank's peak
-    RSS is logged, and the adapter is non-empty and loads in stock PEFT."""
+    RSS is logged, and the adapter gives the trained model's eval loss in stock PEFT."""
     part, whole = tmp_path / "part", tmp_path / "whole"
     for out, extra in ((part, ()), (whole, ("model.partitioned_load=false",))):
         proc = _torchrun(out, *extra)
@@ -146,12 +160,5 @@ def test_zero3_driver_partitioned_equals_whole_and_saves_a_peft_adapter(tmp_path
         assert abs(a - b) <= 1e-5 * abs(b), (values["p"], values["w"])
     assert all(len(r["peak_rss_mib"]) == 2 for r in rows["p"] if "loss" in r)
 
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    adapter = part / "adapter"
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(runs["p"]["model_path"]), str(adapter))
-    lora = [p for n, p in model.named_parameters() if "lora_" in n]
-    assert lora and all(p.numel() > 0 for p in lora)
-    assert all(float(p.abs().max()) > 0 for p in lora if p.ndim == 2)
+    # stock PEFT on the original base gives the trained model's final eval loss
+    assert_adapter_is_the_trained_model(part, "commonsense:ARC-Easy", 4, 64, tmp_path)

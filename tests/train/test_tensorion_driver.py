@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from resume_probe import assert_resumed, probe_env, tag_metrics
 
 from riemann_zero.optim import registry
 from riemann_zero.train.cli import STOP_EXIT_CODE
@@ -103,8 +104,10 @@ def test_bad_full_finetune_recipes_fail_in_preflight(tmp_path, overrides, match)
         preflight(_moe_recipe(tmp_path, *overrides), model_config=_moe_config())
 
 
-def _train(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(out: Path, *extra: str, log: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if log is not None:
+        env = probe_env(env, log)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     common = ["max_steps=6", "train.save_every=3", "train.eval_every=3", "data.train_limit=64",
@@ -138,15 +141,19 @@ def test_moe_recipe_resumes_exactly(tmp_path, variant):
     trajectory equals the uninterrupted run's bit for bit (momentum, step counts and the chosen
     unfoldings come back from the checkpoint), and the trained experts are saved."""
     opts = VARIANTS[variant]
-    full = _train(tmp_path / "full", *opts)
+    full = _train(tmp_path / "full", *opts, log=tmp_path / "full.forwards")
     assert full.returncode == 0, full.stderr[-3000:]
     assert "model.trainable matched 4 parameters" in full.stdout
     cut = tmp_path / "cut"
     first = _train(cut, *opts, "stop_after=4")
     assert first.returncode == STOP_EXIT_CODE, first.stderr[-3000:]
-    second = _train(cut, *opts)
+    tag_metrics(cut)
+    second = _train(cut, *opts, log=tmp_path / "resumed.forwards")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
+    # resumed, not restarted: micro-batches of 2, gradient accumulation 2
+    assert_resumed(tmp_path / "full.forwards", tmp_path / "resumed.forwards", cut, at=3, total=6,
+                   micro_per_step=2)
     expected, got = _losses(tmp_path / "full"), _losses(cut)
     assert sorted(got) == sorted(expected)
     for key in sorted(expected):  # same layout and threads: bit-identical arithmetic
@@ -164,11 +171,13 @@ def test_moe_recipe_resumes_exactly_under_fsdp2(tmp_path):
     uninterrupted one, and the saved experts are whole."""
     import socket
 
-    def torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    def torchrun(out: Path, *extra: str, log: Path | None = None) -> subprocess.CompletedProcess:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        if log is not None:
+            env = probe_env(env, log)
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -180,13 +189,17 @@ def test_moe_recipe_resumes_exactly_under_fsdp2(tmp_path):
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=900)
 
-    full = torchrun(tmp_path / "full")
+    full = torchrun(tmp_path / "full", log=tmp_path / "full.forwards")
     assert full.returncode == 0, (full.stdout + full.stderr)[-4000:]
     cut = tmp_path / "cut"
     first = torchrun(cut, "stop_after=3")
     assert first.returncode != 0
-    second = torchrun(cut)
+    tag_metrics(cut)
+    second = torchrun(cut, log=tmp_path / "resumed.forwards")
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     assert _losses(cut) == _losses(tmp_path / "full")
+    # resumed at the step-2 checkpoint, one micro-batch per step on each of the 2 ranks
+    assert_resumed(tmp_path / "full.forwards", tmp_path / "resumed.forwards", cut, at=2, total=4,
+                   micro_per_step=1, ranks=2)
     trained = torch.load(tmp_path / "full" / "trained" / "params.pt")
     assert {tuple(t.shape) for t in trained.values()} == {(8, 128, 64), (8, 64, 64)}
