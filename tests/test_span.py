@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_geometry import CASES, IDS, TOL, dense, rand_point, rel
 
+from riemann_zero.linalg import polar_factor
 from riemann_zero.manifold import fixed_rank as geo
 from riemann_zero.manifold import reference as ref
 from riemann_zero.manifold import span
@@ -30,7 +31,7 @@ def _fused(x: geo.Point, g: torch.Tensor, prev: geo.Tangent | None, buffer: str
     m_u = g_u if prev is None else BETA * prev.dU + g_u
     m_k = g_k if prev is None else BETA * prev.dK + g_k
     sp, c_m, c_x = span.factor(x, m_u, m_k)
-    c_d = span.tangent_part(span.polar(c_m, 1e-6, "svd"))
+    c_d = span.tangent_part(polar_factor(c_m, "svd", eps=1e-6))
     new, w1, z1 = span.truncate(sp, (1.0 - LR * WD) * c_x - LR * c_d, x.U.shape[-1])
     return new, span.transport(sp, c_m if buffer == "raw" else c_d, w1, z1)
 
