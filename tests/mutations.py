@@ -50,9 +50,9 @@ MUTATIONS = [
         "driver-skips-loading", "the driver ignores the checkpoint it found (a restart that "
         "still prints 'resumed from')",
         "riemann_zero/train/loop.py",
-        "    if plan.resume_from is not None:\n        try:\n",
-        "    if plan.resume_from is not None:\n        say(f\"resumed from {plan.resume_from}\")\n"
-        "    if False:\n        try:\n",
+        "    plan = run.plan\n    if plan.resume_from is None:\n        return 0\n",
+        "    plan = run.plan\n    if plan.resume_from is not None:\n"
+        "        say(f\"resumed from {plan.resume_from}\")\n    return 0\n",
         ("tests/train/test_resume.py::test_resume_after_kill_matches_uninterrupted_run"
          "[riemannion_loi]",
          "tests/train/test_resume.py::test_two_process_resume_on_the_two_layer_model")),
@@ -66,8 +66,8 @@ MUTATIONS = [
         "divergence-check-removed", "the driver no longer checks the trainable tensors after "
         "each update (only the loss)",
         "riemann_zero/train/loop.py",
-        "        if reduced[2]:  # the update itself is poisoned",
-        "        if False:  # the update itself is poisoned",
+        "    if result.bad_tensors:  # the update itself is poisoned",
+        "    if False:  # the update itself is poisoned",
         ("tests/train/test_failures.py::test_divergence_stops_the_run_and_keeps_the_newest_"
          "finite_checkpoint[riemannion_zero0-opts1-non-finite values in]",)),
     Mutation(
@@ -95,13 +95,9 @@ MUTATIONS = [
         "manifold-step-twice", "the manifold optimizer steps twice per step() and reports the "
         "bytes of the last one",
         "riemann_zero/optim/base.py",
-        "                shards.comm.clear()\n"
-        "                for bucket in self._buckets(group[\"adapters\"]):\n"
-        "                    self._step_bucket(group, bucket, shards)\n",
-        "                for _twice in range(2):\n"
-        "                    shards.comm.clear()\n"
-        "                    for bucket in self._buckets(group[\"adapters\"]):\n"
-        "                        self._step_bucket(group, bucket, shards)\n",
+        "                stepped |= self._step_group(group, comm)\n",
+        "                self._step_group(group, Counter())\n"
+        "                stepped |= self._step_group(group, comm)\n",
         ("tests/distributed/test_engines.py::test_step_bytes_match_shape_prediction[zero3_gas4]",
          )),
     Mutation(
