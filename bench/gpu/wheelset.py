@@ -24,7 +24,7 @@ from packaging.utils import canonicalize_name
 
 # What the kit imports on the device (the driver and its optimizer stack, PEFT's adapter files,
 # the transformers the package requires), the package's small pure dependencies, and the eval
-# stage's lm-eval and datasets, so that a later session can score adapters there too.
+# stage's lm-eval and datasets, so that a later GPU run can score adapters there too.
 ROOTS = ("deepspeed", "transformers", "peft", "accelerate", "safetensors", "tokenizers",
          "huggingface-hub", "pyyaml", "tqdm", "protobuf", "gguf", "datasets", "lm-eval")
 # Not carried: the image has them (its package list: torch, numpy, pyarrow, pandas, scipy,
