@@ -212,8 +212,9 @@ class ManifoldOptimizer(torch.optim.Optimizer):
                 states: list[dict], shards) -> geo.Point:
         """The algorithm on one bucket of same-shaped fixed-rank adapters (point ``x``, gradient
         blocks G V and Gᵀ U); returns the new point. Subclasses with ``"manifold"`` groups
-        implement it."""
-        raise NotImplementedError(f"{type(self).__name__} steps no fixed-rank adapters")
+        override it; the others (StelLA, Tensorion) never build such a group."""
+        raise TypeError(f"{type(self).__name__} got a 'manifold' param group, but it steps no "
+                        f"fixed-rank adapters")
 
     def _shards(self):
         if self.shards is None:

@@ -14,6 +14,7 @@ only), ``train``, ``lr``, ``grad_norm`` and ``io`` (checkpoint writer and reader
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,7 @@ def manifold_state(optimizer: Any) -> bool:
     return isinstance(optimizer, ManifoldOptimizer)
 
 
-class Engine:
+class Engine(abc.ABC):
     """One engine kind, for one run of ``recipe``; see the module docstring for its life."""
 
     def __init__(self, recipe: Recipe) -> None:
@@ -88,10 +89,10 @@ class Engine:
 
     # ------------------------------------------------------------------- self-description
     @classmethod
+    @abc.abstractmethod
     def describe(cls, config: dict[str, Any], *, bf16: bool) -> Description:
         """Where this engine runs, given the recipe's ``deepspeed:`` block (or a Trainer's
         DeepSpeed config) and whether the run is in bf16."""
-        raise NotImplementedError
 
     @classmethod
     def optimizer_error(cls, name: str, config: dict[str, Any], *, bf16: bool) -> str | None:
@@ -121,46 +122,53 @@ class Engine:
             return WHOLE
         return self.partitioned_load()
 
-    def check(self, config: dict[str, Any]) -> None:
+    def check(self, config: dict[str, Any]) -> None:  # noqa: B027 (an optional hook)
         """The engine's own checks of its complete config (RecipeError naming the key)."""
 
+    @abc.abstractmethod
     def memory_facts(self) -> MemoryFacts:
-        raise NotImplementedError
+        """What the memory estimate needs to know of this engine (sharding, master copies,
+        offload)."""
 
+    @abc.abstractmethod
     def gathered_values(self, counts: dict[str, int]) -> int:
         """Base values one rank makes whole at once while computing, from the meta-device
         counts of the model (``layer``, ``embed``, ``head``, ``root``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def gradient_bytes(self, n_train: int, width: int, world: int) -> int:
         """Bytes of gradients one rank holds for ``n_train`` trainable values of ``width``
         bytes each."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------------------- setup
+    @abc.abstractmethod
     def init_distributed(self, backend: str) -> None:
         """Start the default process group on ``backend`` (gloo or nccl)."""
-        raise NotImplementedError
 
-    def prepare_full_finetune(self, base: torch.nn.Module) -> None:
+    def prepare_full_finetune(self, base: torch.nn.Module) -> None:  # noqa: B027 (optional)
         """What full fine-tuning of some parameters needs from the base model, if anything."""
 
+    @abc.abstractmethod
     def start(self, model: torch.nn.Module, make_optimizer: OptimizerFactory,
               lr_fn: Callable[[int], float], *, config: dict[str, Any], grad_accum: int,
               device: torch.device) -> None:
         """Wrap ``model``, build its optimizer with ``make_optimizer(model)`` and a LambdaLR of
         ``lr_fn`` on it. ``config``: the complete DeepSpeed config (batch layout, clipping)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------------- training
+    @abc.abstractmethod
     def __call__(self, **batch):
-        raise NotImplementedError
+        """The wrapped model's forward on one micro-batch."""
 
+    @abc.abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Backward of one micro-batch's loss (scaled for gradient accumulation as the engine
+        does it)."""
 
+    @abc.abstractmethod
     def step(self) -> None:
-        raise NotImplementedError
+        """Called after every micro-batch: the optimizer and scheduler step at accumulation
+        boundaries only."""
 
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
@@ -173,11 +181,11 @@ class Engine:
         return None
 
     # ----------------------------------------------------------------------------- state
+    @abc.abstractmethod
     def io(self, exclude_frozen: bool) -> StateIO:
         """Writer and reader of the engine's state (trainable model state incl. buffers,
         optimizer, scheduler) in a checkpoint folder; both collective. ``exclude_frozen``:
         leave frozen base weights out (the driver rebuilds them identically before loading)."""
-        raise NotImplementedError
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on CPU, where reading the module's own needs the engine
