@@ -8,10 +8,10 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from stock_peft import assert_adapter_is_the_trained_model
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL = {"dataset": "commonsense:ARC-Easy", "limit": 16, "max_length": 96}
@@ -60,38 +60,7 @@ def test_deepspeed_launcher_zero2_two_processes(tmp_path):
 
     # The adapter loads in stock PEFT, in a process that never imports riemann_zero, and gives
     # the driver's final eval loss on the original base model.
-    from transformers import AutoTokenizer
-
-    from riemann_zero import data
-
-    adapter = out / "adapter"
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "asset:smollm2:4"  # portable, as the recipe says
-    base = json.loads((adapter.parent / "run.json").read_text())["model_path"]  # the local copy
-    tok = AutoTokenizer.from_pretrained(base)
-    examples = data.load_examples(EVAL["dataset"], split="eval", limit=EVAL["limit"], seed=0)
-    rows = data.tokenize(examples, tok, template="chat", max_length=EVAL["max_length"])
-    (tmp_path / "eval.json").write_text(json.dumps(rows))
-    script = textwrap.dedent(f"""
-        import json, sys, torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-        rows = json.load(open({str(tmp_path / 'eval.json')!r}))
-        model = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained({base!r}, dtype=torch.float32), {str(adapter)!r})
-        model.eval()
-        num = den = 0.0
-        with torch.no_grad():
-            for r in rows:
-                ids = torch.tensor([r["input_ids"]]); labels = torch.tensor([r["labels"]])
-                n = int((labels[:, 1:] != -100).sum())
-                num += model(input_ids=ids, labels=labels).loss.item() * n; den += n
-        assert "riemann_zero" not in sys.modules
-        print(json.dumps({{"eval_loss": num / den}}))
-    """)
-    check = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(),
-                           capture_output=True, text=True, timeout=600)
-    assert check.returncode == 0, check.stderr[-3000:]
-    stock = json.loads(check.stdout.strip().splitlines()[-1])["eval_loss"]
-    # fp32; batching and padding differ between the two evaluations: agree to 1e-4 relative.
-    assert stock == pytest.approx(run["final_eval_loss"], rel=1e-4)
+    assert_adapter_is_the_trained_model(out, EVAL["dataset"], EVAL["limit"], EVAL["max_length"],
+                                        tmp_path)
