@@ -24,7 +24,6 @@ from riemann_zero.optim.baselines import adamw_lora, muon_lora, rprec_adamw
 from riemann_zero.optim.riemannion import Riemannion
 from riemann_zero.optim.riemannlora import RiemannAdam, RiemannSGD
 from riemann_zero.optim.stella import StelLA
-from riemann_zero.optim.tensorion import options_error as tensorion_options_error
 from riemann_zero.optim.tensorion import tensorion_model
 
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "INIT_METHODS", "LAYOUTS", "spec", "init_error",
@@ -60,8 +59,6 @@ class OptimizerSpec:
         prepare: called as ``prepare(model, seed)`` after PEFT wrapped the model (StelLA's init).
         health: whether its ``manifold_health()`` is logged to metrics.jsonl.
         full_finetune: whether it can train whole parameters chosen by ``model.trainable``.
-        check_options: ``check_options(options)`` → why ``optimizer.options`` values are
-            invalid, or None (preflight calls it before any weight is loaded).
         orthogonal: whether it trains PEFT's orthogonal adapters (``adapter.type: oft|boft``).
         state_per_value: fp32 optimizer-state values it keeps per trainable value (the memory
             estimate's figure; AdamW's two moments: 2; the manifold optimizers' momentum factors
@@ -82,7 +79,6 @@ class OptimizerSpec:
     prepare: Callable[..., Any] | None = None
     health: bool = False
     full_finetune: bool = False
-    check_options: Callable[[dict], str | None] | None = None
     orthogonal: bool = False
     state_per_value: float = 2.0
 
@@ -141,7 +137,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {s.name: s for s in (
     OptimizerSpec("tensorion", tensorion_model,
                   ("lr", "momentum", "weight_decay"), layout="peft", inits=_PEFT_INITS,
                   bf16=False, dtype_hint="is not yet tested under DeepSpeed's bf16 wrapper",
-                  full_finetune=True, check_options=tensorion_options_error,
+                  full_finetune=True,
                   state_per_value=1.0),
 )}
 

@@ -23,7 +23,7 @@ from riemann_zero.sharding import pieces as sh
 from riemann_zero.sharding.comm import CountingBroadcast, CountingReduce
 from riemann_zero.sharding.params import layout_of
 
-__all__ = ["Tensorion", "tensorion_model", "options_error"]
+__all__ = ["Tensorion", "tensorion_model"]
 
 # Group keys a user may override per param group (beside params and logical_shape).
 _GROUP_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "unfolding", "ortho", "ns_steps",
@@ -259,16 +259,3 @@ def tensorion_model(model: torch.nn.Module, lr: float = 1e-3, momentum: float = 
                      lr_scale=lr_scale, reselect_every=reselect_every, adamw_lr=adamw_lr,
                      adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps,
                      adamw_weight_decay=adamw_weight_decay)
-
-
-def options_error(options: dict) -> str | None:
-    """Why these keyword options of :func:`tensorion_model` are invalid (None if they are not):
-    the driver's preflight asks before any weight is loaded."""
-    hp = dict(lr=0.0, momentum=0.0, weight_decay=0.0, nesterov=False, unfolding="offline",
-              ortho="newton_schulz", ns_steps=5, lr_scale="rms", reselect_every=1)
-    hp.update({k: v for k, v in options.items() if k in hp})
-    try:
-        check_hyper(hp, "optimizer.options.")
-    except ValueError as err:
-        return str(err)
-    return None

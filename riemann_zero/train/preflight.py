@@ -134,10 +134,6 @@ def _check_options(rc: Recipe) -> None:
         check_hyper(dict(rc.optimizer.options), "optimizer.options.")
     except ValueError as err:
         raise RecipeError(str(err)) from None
-    check = registry.spec(rc.optimizer.name).check_options
-    problem = None if check is None else check(dict(rc.optimizer.options))
-    if problem is not None:
-        raise RecipeError(problem)
 
 
 def _check_trackers(rc: Recipe) -> None:
